@@ -1,0 +1,111 @@
+"""Forward time and peak memory of our UNet vs diffusers' UNet2DConditionModel.
+
+Same weights (a random SD-layout state dict converted with diffusers' own converter),
+same input. Each measurement runs in a fresh process so CPU peak memory is clean.
+
+    python bench/unet.py [--sizes tiny sd15] [--iters 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import devices, peak_memory_mib, print_table, run_worker, time_call  # noqa: E402
+from model.unet import UNet  # noqa: E402
+from tests.sd_layout import config  # noqa: E402
+
+# size -> (unet config, batch, latent side)
+SIZES = {"tiny": ("tiny", 2, 32), "sd15": ("sd15", 2, 32)}
+
+
+def build(impl: str, size: str, device: str, channels_last: bool):
+    """The UNet of ``impl`` ('ours' | 'diffusers') with shared random weights, and its call."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+    )
+
+    name, batch, side = SIZES[size]
+    params = config("unet", name)
+    torch.manual_seed(0)
+    ours = UNet(**params)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, params["in_channels"], side, side, generator=gen)
+    t = torch.tensor([500] * batch)
+    context = torch.randn(batch, 77, params["context_dim"], generator=gen)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if impl == "ours":
+        model = ours
+        call = lambda m, x: m(x, t.to(device), context.to(device))  # noqa: E731
+    else:
+        ldm = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+        vae = {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}
+        cfg = {
+            "model": {
+                "params": {
+                    "unet_config": {"params": {**params, "image_size": 64}},
+                    "first_stage_config": {"params": vae},
+                }
+            }
+        }
+        dcfg = create_unet_diffusers_config_from_ldm(cfg, ldm)
+        model = UNet2DConditionModel(**dcfg)
+        model.load_state_dict(convert_ldm_unet_checkpoint(ldm, dcfg), strict=True)
+        del ldm
+        call = lambda m, x: m(x, t.to(device), encoder_hidden_states=context.to(device)).sample  # noqa: E731
+    del ours
+    model = model.to(device, memory_format=memory_format).eval()
+    x = x.to(device).contiguous(memory_format=memory_format)
+    return model, lambda: call(model, x)
+
+
+def worker(impl: str, size: str, device: str, channels_last: bool, iters: int) -> dict:
+    model, fn = build(impl, size, device, channels_last)
+    with torch.inference_mode():
+        memory = peak_memory_mib(fn, device)
+        seconds = time_call(fn, device, warmup=1, iters=iters)
+    return {"time_s": seconds, "peak_mib": memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--worker", nargs=5, metavar=("IMPL", "SIZE", "DEVICE", "CL", "ITERS"))
+    args = parser.parse_args()
+    if args.worker:
+        impl, size, device, cl, iters = args.worker
+        print(json.dumps(worker(impl, size, device, cl == "1", int(iters))))
+        return
+    torch.set_num_threads(torch.get_num_threads())
+    rows = []
+    for device in devices():
+        for size in args.sizes:
+            base = None
+            for impl, cl in (("diffusers", "0"), ("ours", "0"), ("ours", "1")):
+                r = run_worker(__file__, [impl, size, device, cl, str(args.iters)])
+                base = base or r
+                rows.append(
+                    {
+                        "device": device,
+                        "size": size,
+                        "impl": impl + (" channels-last" if cl == "1" else ""),
+                        "forward s": f"{r['time_s']:.3f}",
+                        "x diffusers": f"{r['time_s'] / base['time_s']:.2f}",
+                        "peak MiB": f"{r['peak_mib']:.0f}",
+                        "mem x diffusers": f"{r['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}",
+                    }
+                )
+    print_table(rows, list(rows[0]))
+
+
+if __name__ == "__main__":
+    main()

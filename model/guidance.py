@@ -1,0 +1,154 @@
+"""Gen-1's content and temporal guidance, SDEdit start and masked editing around a denoiser.
+
+All three wrap or prepare a denoiser of sigma (``model.samplers``), so any sampler runs them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.diffusion import append_dims
+from model.samplers import Denoiser
+
+
+class Gen1Guidance:
+    """Gen-1 guidance (Esser et al. 2023, eq. 7) in one batched call of the inner denoiser.
+
+    ``pred = img(null) + w_t (vid(null) - img(null)) + w (vid(c) - vid(null))``, where ``img``
+    runs with temporal layers off. Rewritten as
+    ``(1 - w_t) img(null) + (w_t - w) vid(null) + w vid(c)``, a branch whose coefficient is 0 is
+    not computed: w = w_t = 1 is one pass, w_t = 1 is plain classifier-free guidance on the
+    video model. The inner denoiser gets ``temporal``, a bool tensor (n_branches * B,).
+
+    The combination is of x0 predictions. At equal ``x`` and ``sigma`` x0 is an affine function
+    of the model output, ``c_skip x + c_out F``, with the same ``c_skip``, ``c_out`` for every
+    branch; the coefficients sum to 1, so combining x0 equals combining eps (or v) and then
+    converting.
+    """
+
+    def __init__(self, denoiser: Denoiser, w: float = 1.0, w_t: float = 1.0) -> None:
+        self.denoiser = denoiser
+        self.w = float(w)
+        self.w_t = float(w_t)
+
+    def branches(self) -> list[tuple[str, bool, float]]:
+        """``(content, temporal, coefficient)`` of each branch that is computed."""
+        all_branches = [
+            ("uncond", False, 1.0 - self.w_t),
+            ("uncond", True, self.w_t - self.w),
+            ("cond", True, self.w),
+        ]
+        return [b for b in all_branches if b[2] != 0.0]
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: dict | None = None,
+        uncond: dict | None = None,
+    ) -> torch.Tensor:
+        """Guided x0 at ``(x, sigma)``. ``uncond`` overrides keys of ``cond`` for null branches
+        (e.g. only ``context``); tensors are batched along dim 0, other values passed as is."""
+        cond = dict(cond or {})
+        if "temporal" in cond or "temporal" in (uncond or {}):
+            raise ValueError("Gen1Guidance sets 'temporal' itself; remove it from cond/uncond")
+        kwargs_of = {"cond": cond, "uncond": {**cond, **(uncond or {})}}
+        branches = self.branches()  # never empty: the coefficients sum to 1
+        batch = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device).expand(batch)
+        merged = {}
+        for key in kwargs_of["uncond"]:  # a superset of cond's keys
+            values = [kwargs_of[content].get(key) for content, _, _ in branches]
+            if all(isinstance(v, torch.Tensor) for v in values):
+                if any(v.shape[0] != batch for v in values):
+                    raise ValueError(f"cond/uncond {key!r} must have batch size {batch} in dim 0")
+                merged[key] = torch.cat(values)
+            elif all(v is values[0] for v in values):
+                merged[key] = values[0]
+            else:
+                raise ValueError(f"cond/uncond entry {key!r} is not a tensor in every branch")
+        temporal = torch.tensor([t for _, t, _ in branches for _ in range(batch)], device=x.device)
+        n = len(branches)
+        out = self.denoiser(torch.cat([x] * n), torch.cat([sigma] * n), temporal=temporal, **merged)
+        preds = out.chunk(n)
+        return sum(coef * pred for (_, _, coef), pred in zip(branches, preds, strict=True))
+
+
+class MaskedDenoiser:
+    """Masked editing: outside ``mask`` the sampler follows the source latents.
+
+    Before each evaluation the unmasked region of ``x`` is replaced by the source noised to the
+    current sigma (``source + sigma * noise``), and the unmasked region of the returned x0 is the
+    source itself. Every sampler's last step returns x0 at sigma = 0, so the unmasked latents end
+    equal to the source. ``mask`` is 1 where the content is regenerated, broadcastable to ``x``.
+    """
+
+    def __init__(
+        self, denoiser: Denoiser, source: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor
+    ) -> None:
+        if noise.shape != source.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} must match source {tuple(source.shape)}")
+        self.denoiser = denoiser
+        self.source = source
+        self.mask = mask.to(source.dtype)
+        self.noise = noise
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
+        noised_source = self.source + append_dims(sigma, x.ndim) * self.noise
+        x = self.mask * x + (1 - self.mask) * noised_source
+        denoised = self.denoiser(x, sigma, **kwargs)
+        return self.mask * denoised + (1 - self.mask) * self.source
+
+
+def sdedit_start(
+    source: torch.Tensor, sigmas: torch.Tensor, strength: float, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDEdit (Meng et al. 2022): keep the last ``round(strength * n)`` of ``n`` steps and start
+    from the source latents noised to the first kept sigma. Returns ``(x, sigmas)``.
+
+    strength 1 starts at sigma_max (almost pure noise); strength 0 returns the source unchanged.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    n = len(sigmas) - 1
+    kept = min(int(strength * n), n)  # diffusers' img2img rounds down the same way
+    sigmas = sigmas[n - kept :]
+    return source + sigmas[0] * noise, sigmas
+
+
+def initial_latents(noise: torch.Tensor, sigma_max: torch.Tensor) -> torch.Tensor:
+    """Pure-noise start ``noise * sqrt(1 + sigma_max^2)``: x_T ~ N(0, 1) in the model's DDPM space
+    (as diffusers starts; k-diffusion's scripts use ``noise * sigma_max``)."""
+    return noise * (1 + sigma_max**2) ** 0.5
+
+
+def sample(
+    sampler,
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    source: torch.Tensor | None = None,
+    strength: float = 1.0,
+    mask: torch.Tensor | None = None,
+    extra_args: dict | None = None,
+    callback=None,
+    disable: bool | None = None,
+    **sampler_kwargs,
+) -> torch.Tensor:
+    """Run ``sampler`` from ``noise``: from scratch (no ``source``), or SDEdit from ``source``
+    at ``strength`` (1: the source noised to sigma_max, as diffusers' img2img), optionally with
+    masked editing (``mask``, 1 = regenerate). The same ``noise`` noises the source throughout."""
+    if source is not None:
+        x, sigmas = sdedit_start(source, sigmas, strength, noise)
+    elif mask is not None or strength < 1.0:
+        raise ValueError("masked editing and strength < 1 need the source latents")
+    else:
+        x = initial_latents(noise, sigmas[0])
+    if mask is not None:
+        denoiser = MaskedDenoiser(denoiser, source, mask, noise)
+        x = mask * x + (1 - mask) * (source + sigmas[0] * noise)
+    if len(sigmas) < 2:
+        return x
+    return sampler(denoiser, x, sigmas, extra_args, callback, disable, **sampler_kwargs)
