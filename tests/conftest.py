@@ -1,5 +1,32 @@
-"""Shared pytest set-up: CPU only, deterministic, the repository root importable."""
+"""Shared pytest fixtures: CPU only, small real media files written by the tests."""
 
+from pathlib import Path
+
+import pytest
 import torch
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+from data.io import write_video
+
+
+@pytest.fixture(scope="session")
+def video_folder(tmp_path_factory) -> Path:
+    """Two good 24-frame mp4s of moving gradients, a corrupt one and a zero-byte one."""
+    folder = tmp_path_factory.mktemp("videos")
+    ramp = torch.linspace(-1, 1, 48)
+    for n in range(2):
+        frames = torch.stack(
+            [
+                torch.stack(
+                    [
+                        ramp.roll(3 * i + n)[None, :].expand(48, 48),
+                        ramp.roll(2 * i)[:, None].expand(48, 48),
+                        torch.full((48, 48), 0.5 * n - 0.25),
+                    ]
+                )
+                for i in range(24)
+            ]
+        )
+        write_video(folder / f"good{n}.mp4", frames, fps=12)
+    (folder / "corrupt.mp4").write_bytes(bytes(range(256)) * 64)
+    (folder / "empty.mp4").write_bytes(b"")
+    return folder

@@ -1,0 +1,234 @@
+"""The Gen-1 LightningModule: frozen VAE, depth and CLIP around a trainable video UNet.
+
+Built from plain config dicts (kept as hyper-parameters, so a checkpoint or a release
+file rebuilds the model without Hydra and without naming classes). A training step
+encodes frames, turns depth into structure at a random fidelity ``t_s``, takes the CLIP
+embedding of a random frame as content (dropped to the null content with probability
+``p_uncond``), and regresses the UNet on the noised latents; image batches run with the
+temporal layers off. ``edit`` samples an edited video (see ``model.editing``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from model.autoencoder import AutoencoderKL
+from model.checkpoint import load_sd_unet, load_sd_vae
+from model.clip import build_clip, load_clip
+from model.depth import DepthEstimator, build_midas, load_midas
+from model.diffusion import DiscreteSchedule, training_loss
+from model.ema import EMA
+from model.structure import clip_structure
+from model.unet import UNet
+
+log = logging.getLogger(__name__)
+
+TRAINABLE = ("all", "temporal", "temporal_and_input")
+
+
+def _params(cfg: dict) -> dict:
+    """A config dict without Hydra's ``_target_``."""
+    return {k: v for k, v in dict(cfg).items() if k != "_target_"}
+
+
+def build_depth(cfg: dict | None) -> DepthEstimator | None:
+    """MiDaS from ``{name, weights, chunk_size, ...overrides}``; None uses the batch's depth."""
+    if cfg is None:
+        return None
+    cfg = _params(cfg)
+    name, weights = cfg.pop("name"), cfg.pop("weights", None)
+    chunk_size = cfg.pop("chunk_size", 8)
+    if weights:
+        net = load_midas(weights, name, config_key="model.depth.weights", **cfg)
+    else:
+        log.warning("model.depth.weights is not set: MiDaS %s has random weights", name)
+        net = build_midas(name, **cfg)
+    return DepthEstimator(net, chunk_size=chunk_size)
+
+
+def build_content_encoder(cfg: dict):
+    """The frozen CLIP image/text embedder from ``{model, weights}``."""
+    cfg = _params(cfg)
+    if cfg.get("weights"):
+        return load_clip(cfg["weights"], cfg["model"], config_key="model.clip.weights")
+    log.warning("model.clip.weights is not set: CLIP %s has random weights", cfg["model"])
+    return build_clip(cfg["model"])
+
+
+class Gen1(pl.LightningModule):
+    """Structure- and content-guided video diffusion (Esser et al. 2023) as one module."""
+
+    def __init__(
+        self,
+        unet: dict,
+        vae: dict,
+        clip: dict,
+        depth: dict | None = None,
+        weights: dict | None = None,
+        parameterization: str = "eps",
+        schedule: dict | None = None,
+        t_s_max: int = 7,
+        p_uncond: float = 0.1,
+        trainable: str = "all",
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 500,
+        ema_decay: float | None = 0.9999,
+        min_snr_gamma: float | None = None,
+        offset_noise: float = 0.0,
+        sampling: dict | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if trainable not in TRAINABLE:
+            raise ValueError(f"model.trainable must be one of {TRAINABLE}, got {trainable!r}")
+        self.save_hyperparameters()
+        weights = dict(weights or {})
+        self.vae = AutoencoderKL(**_params(vae))
+        self.unet = UNet(**_params(unet))
+        if weights.get("sd_checkpoint"):
+            log.info(
+                "%s",
+                load_sd_unet(self.unet, weights["sd_checkpoint"], weights.get("use_ema", False)),
+            )
+        if weights.get("vae") or weights.get("sd_checkpoint"):
+            log.info("%s", load_sd_vae(self.vae, weights.get("vae") or weights["sd_checkpoint"]))
+        self.vae.eval().requires_grad_(False)
+        self.clip = build_content_encoder(clip)
+        self.depth = build_depth(depth)
+        self.schedule = DiscreteSchedule(**(schedule or {}))
+        self.structure_channels = self.unet.in_channels - self.vae.decoder.conv_in.in_channels
+        if self.structure_channels not in (0, 1):
+            raise ValueError(
+                f"unet.in_channels ({self.unet.in_channels}) must be the latent channels "
+                f"({self.vae.decoder.conv_in.in_channels}) plus 0 or 1 structure channel"
+            )
+        self._set_trainable(trainable)
+        self.ema = EMA(self.unet, ema_decay) if ema_decay is not None else None
+
+    # -- parts -----------------------------------------------------------------------------
+
+    def _set_trainable(self, trainable: str) -> None:
+        self.unet.requires_grad_(trainable == "all")
+        if trainable != "all":
+            for p in self.unet.temporal_parameters():
+                p.requires_grad_(True)
+        if trainable == "temporal_and_input":
+            self.unet.input_blocks[0][0].requires_grad_(True)
+
+    def train(self, mode: bool = True) -> Gen1:
+        """Only the UNet ever trains; the encoders stay frozen in eval mode."""
+        super().train(mode)
+        self.vae.eval()
+        self.clip.eval()
+        return self
+
+    def denoiser_model(self, use_ema: bool = False) -> nn.Module:
+        """The UNet that sampling uses: the EMA copy when asked and available."""
+        return self.ema.model if use_ema and self.ema is not None else self.unet
+
+    def model_fn(self, unet: nn.Module | None = None):
+        """``fn(x, t, context, structure, temporal)``: structure concatenated to the latents."""
+        unet = unet or self.unet
+
+        def fn(x, t, context=None, structure=None, temporal=True):
+            if self.structure_channels:
+                x = torch.cat([x, structure.to(x.dtype)], dim=-3)
+            return unet(x, t, context, temporal=temporal)
+
+        return fn
+
+    @torch.no_grad()
+    def encode_content(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings ``(B, 1, D)`` of images ``(B, 3, H, W)`` in [-1, 1]."""
+        return self.clip.encode_image(images)[:, None]
+
+    @torch.no_grad()
+    def structure(self, frames: torch.Tensor, latent_size, t_s, depth=None) -> torch.Tensor | None:
+        """Structure ``(B, F, 1, h, w)`` of frames (MiDaS), or of a given exact ``depth``."""
+        if not self.structure_channels:
+            return None
+        if depth is None:
+            if self.depth is None:
+                raise ValueError("model.depth is null: the batch must carry 'depth'")
+            depth = self.depth(frames)
+        return clip_structure(depth, tuple(latent_size), t_s)
+
+    # -- training --------------------------------------------------------------------------
+
+    def step_generator(self, offset: int = 0) -> torch.Generator:
+        """The source of a step's randomness, a function of seed, rank and step alone.
+
+        Lightning does not checkpoint global RNG states; drawing from this instead makes a
+        resumed run continue exactly as the uninterrupted one would have.
+        """
+        seed = (self.hparams.seed * 1_000_003 + self.global_rank) * 1_000_003
+        return torch.Generator(self.device).manual_seed(seed + self.global_step + offset)
+
+    def conditioning(
+        self, batch: dict[str, Any], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
+        """Latents and the UNet's conditioning for a training batch (encoders frozen)."""
+        frames = batch["frames"]
+        b, f = frames.shape[:2]
+        device = frames.device
+        with torch.no_grad():
+            latents = self.vae.encode(frames, sample=True, generator=gen)
+            t_s = torch.randint(0, self.hparams.t_s_max + 1, (b,), generator=gen, device=device)
+            structure = self.structure(frames, latents.shape[-2:], t_s, batch.get("depth"))
+            pick = torch.randint(0, f, (b,), generator=gen, device=device)
+            content = self.encode_content(frames[torch.arange(b, device=device), pick])
+            keep = torch.rand(b, generator=gen, device=device) >= self.hparams.p_uncond
+            content = content * keep[:, None, None].to(content.dtype)
+        temporal = torch.as_tensor(batch.get("is_video", True), device=device).expand(b).clone()
+        return latents, {"context": content, "structure": structure, "temporal": temporal}
+
+    def loss(self, batch: dict[str, Any], unet: nn.Module, gen: torch.Generator):
+        """The diffusion loss of a batch, all randomness drawn from ``gen``."""
+        latents, cond = self.conditioning(batch, gen)
+        result = training_loss(
+            self.model_fn(unet),
+            latents,
+            self.schedule,
+            self.hparams.parameterization,
+            cond,
+            min_snr_gamma=self.hparams.min_snr_gamma,
+            offset_noise=self.hparams.offset_noise,
+            generator=gen,
+        )
+        return result.loss, bool(cond["temporal"].all())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, video = self.loss(batch, self.unet, self.step_generator())
+        size = batch["frames"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log(f"train/loss_{'video' if video else 'image'}", loss, batch_size=size)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unet)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        gen = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
+        loss, _ = self.loss(batch, self.denoiser_model(use_ema=True), gen)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
+
+    def configure_optimizers(self):
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        warmup = max(1, self.hparams.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,0 +1,181 @@
+"""Training end to end: every config group builds, the loss falls, resume is exact,
+bad videos are skipped, and DDP runs on two CPU processes."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from tests.sd_layout import ROOT
+from train import build_model, build_trainer, train
+
+# A very small world so that a few dozen steps take seconds on two CPU cores.
+SMALL = [
+    "experiment=tiny",
+    "data.datamodule.train_dataset.size=32",
+    "data.datamodule.train_dataset.num_frames=4",
+    "data.datamodule.image_dataset.size=32",
+    "data.datamodule.val_dataset.size=32",
+    "data.datamodule.val_dataset.num_frames=4",
+    "data.datamodule.batch_size=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "~callbacks.progress",
+]
+
+
+def config(run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=[f"run_dir={run_dir}", *overrides])
+
+
+def logged(run_dir: Path, name: str) -> list[float]:
+    """Values of a metric from the CSV logger, in step order."""
+    (metrics,) = run_dir.glob("logs/version_*/metrics.csv")
+    with metrics.open() as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+@pytest.mark.parametrize("name", ["tiny", "sd15", "sd21", "sd2_depth"])
+def test_model_configs_build(tmp_path, name):
+    cfg = config(tmp_path, f"model={name}")
+    if name == "tiny":
+        model = build_model(cfg.model)
+        assert model.unet.in_channels == 5 and model.unet.temporal
+        return
+    # Full size: UNet, VAE and MiDaS as layouts only (open_clip cannot build on meta).
+    cfg = config(tmp_path, f"model={name}", "model.clip.model=clip_tiny")
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    assert model.unet.in_channels == 5
+    assert model.hparams.parameterization == ("v" if name == "sd21" else "eps")
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu", "ddp", "fsdp"])
+def test_trainer_configs_compose_and_cpu_ones_build(tmp_path, name):
+    cfg = config(tmp_path, f"trainer={name}")
+    assert cfg.trainer.use_distributed_sampler is False
+    if name in ("cpu", "ddp"):
+        overrides = ["trainer.accelerator=cpu", "trainer.devices=1"] if name == "ddp" else []
+        trainer = build_trainer(config(tmp_path, f"trainer={name}", *overrides))
+        assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard"])
+def test_callbacks_and_loggers_build(tmp_path, logger):
+    cfg = config(tmp_path, f"logger={logger}")
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    assert any(type(c).__name__ == "ModelCheckpoint" for c in callbacks)
+    (built,) = [instantiate(c) for c in cfg.logger.values()]
+    assert str(tmp_path) in built.save_dir
+
+
+def test_data_configs_build(tmp_path, video_folder):
+    synthetic = instantiate(config(tmp_path).data.datamodule)
+    assert len(synthetic.train_dataset) > 0 and synthetic.image_ratio > 0
+    videos = instantiate(
+        config(tmp_path, "data=videos", f"data.root={video_folder}").data.datamodule
+    )
+    assert len(videos.train_dataset) == 4
+    joint = config(
+        tmp_path,
+        "data=images_and_videos",
+        f"data.root={video_folder}",
+        f"data.image_root={video_folder}",
+    )
+    assert joint.data.datamodule.image_ratio > 0
+
+
+def test_tiny_training_loss_falls(tmp_path):
+    cfg = config(
+        tmp_path,
+        *SMALL,
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=null",
+        "trainer.limit_val_batches=0",
+        "model.warmup_steps=5",
+    )
+    train(cfg)
+    losses = logged(tmp_path, "train/loss")
+    assert len(losses) >= 40
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.7 * first, (first, last)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_resume_gives_the_uninterrupted_weights(tmp_path):
+    """Stopped at step 4 (an epoch boundary) and resumed to 8 = straight to 8."""
+    common = [
+        *SMALL,
+        "data.datamodule.train_dataset.num_clips=4",
+        "data.datamodule.image_ratio=0",
+        "trainer.limit_val_batches=0",
+        "trainer.val_check_interval=null",
+    ]
+    straight = train(config(tmp_path / "a", *common, "trainer.max_steps=8"))
+    train(config(tmp_path / "b", *common, "trainer.max_steps=4"))
+    resumed = train(config(tmp_path / "b", *common, "trainer.max_steps=8", "ckpt_path=last"))
+    assert resumed.global_step == straight.global_step == 8
+    a, b = straight.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    first = train(config(tmp_path / "c", *common, "trainer.max_steps=4")).lightning_module
+    assert not torch.equal(first.unet.out[2].weight, straight.lightning_module.unet.out[2].weight)
+
+
+def test_videos_with_corrupt_and_empty_files_train_and_report(tmp_path, video_folder):
+    cfg = config(
+        tmp_path,
+        "experiment=tiny",
+        "data=videos",
+        f"data.root={video_folder}",
+        "data.datamodule.train_dataset.size=32",
+        "data.datamodule.train_dataset.num_frames=4",
+        "data.datamodule.train_dataset.stride=1",
+        "data.datamodule.num_workers=0",
+        "data.datamodule.pin_memory=false",
+        "data.datamodule.batch_size=2",
+        "trainer.max_steps=4",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress",
+    )
+    with pytest.warns(UserWarning, match="corrupt.mp4"):
+        trainer = train(cfg)
+    assert trainer.global_step == 4
+    skipped = trainer.datamodule.skipped_files()
+    assert sorted(Path(p).name for p in skipped) == ["corrupt.mp4", "empty.mp4"]
+
+
+def test_ddp_runs_two_cpu_processes(tmp_path):
+    overrides = [
+        *SMALL,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=0",
+        "trainer.val_check_interval=null",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "train.py", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "finished at step 3" in out.stderr + out.stdout
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
