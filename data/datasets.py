@@ -1,0 +1,269 @@
+"""Map-style datasets of video clips and images (as 1-frame videos) from a folder or manifest.
+
+A file that cannot give a sample is skipped: warned about once, recorded in the dataset's
+:class:`SkipLog` (shared with DataLoader worker processes, so the main process can report
+it), and replaced by the next readable entry, so one bad file never ends a run.
+
+Manifests are CSV (with a header) or JSONL with a ``path`` column/key (relative to the
+manifest's folder or absolute) and optional ``caption``, ``start`` and ``end`` (seconds).
+In a folder, a caption is read from a ``.txt`` file of the same name beside the media file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from data.video import (
+    REASONS,
+    VIDEO_EXTENSIONS,
+    MediaReadError,
+    cover_size,
+    crop_offsets,
+    parse_size,
+    read_clip,
+    uint8_to_unit,
+)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class SkippedMediaWarning(UserWarning):
+    """Warned once for each file a dataset skips."""
+
+
+@dataclass(frozen=True)
+class MediaEntry:
+    """One file of a dataset, with its caption and the segment (seconds) to draw from."""
+
+    path: str
+    caption: str = ""
+    start: float | None = None
+    end: float | None = None
+
+
+def list_folder(root: str | Path, extensions: Sequence[str]) -> list[MediaEntry]:
+    """Files under ``root`` (recursive, sorted) with one of ``extensions``; .txt captions."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    entries = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in extensions and path.is_file():
+            sidecar = path.with_suffix(".txt")
+            caption = sidecar.read_text().strip() if sidecar.is_file() else ""
+            entries.append(MediaEntry(str(path), caption))
+    if not entries:
+        raise ValueError(f"no files with extensions {tuple(extensions)} under {root}")
+    return entries
+
+
+def read_manifest(manifest: str | Path) -> list[MediaEntry]:
+    """Entries of a CSV or JSONL manifest; relative paths are resolved from its folder."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest {manifest} does not exist")
+    if manifest.suffix.lower() == ".csv":
+        with manifest.open(newline="") as f:
+            rows = [(i + 2, row) for i, row in enumerate(csv.DictReader(f))]
+    elif manifest.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(manifest.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{manifest}, line {number}: not JSON ({err})") from err
+    else:
+        raise ValueError(f"manifest {manifest} must end in .csv or .jsonl")
+    entries = [_manifest_entry(manifest, number, row) for number, row in rows]
+    if not entries:
+        raise ValueError(f"manifest {manifest} lists no files")
+    return entries
+
+
+def _manifest_entry(manifest: Path, number: int, row: object) -> MediaEntry:
+    where = f"{manifest}, line {number}"
+    if not isinstance(row, dict) or not row.get("path"):
+        raise ValueError(f"{where}: every entry needs a 'path'")
+    path = Path(row["path"])
+    path = path if path.is_absolute() else manifest.parent / path
+
+    def seconds(key: str) -> float | None:
+        value = row.get(key)
+        if value is None or value == "":
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: '{key}' must be seconds, got {value!r}") from err
+
+    start, end = seconds("start"), seconds("end")
+    if start is not None and end is not None and end <= start:
+        raise ValueError(f"{where}: 'end' ({end}) must be after 'start' ({start})")
+    return MediaEntry(str(path), str(row.get("caption") or ""), start, end)
+
+
+class SkipLog:
+    """Which entries failed to read and why, in shared memory so workers' findings reach all."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+        self.codes = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
+
+    def mark(self, index: int, reason: str) -> bool:
+        """Record entry ``index`` as skipped; True the first time (when to warn)."""
+        if self.codes[index]:
+            return False
+        self.codes[index] = REASONS.index(reason) + 1
+        return True
+
+    def is_skipped(self, index: int) -> bool:
+        """Whether entry ``index`` is known to be unreadable."""
+        return bool(self.codes[index])
+
+    def as_dict(self) -> dict[str, str]:
+        """{path: reason} of every skipped entry."""
+        found = torch.nonzero(self.codes).flatten().tolist()
+        return {self.paths[i]: REASONS[int(self.codes[i]) - 1] for i in found}
+
+    def __len__(self) -> int:
+        return int(torch.count_nonzero(self.codes))
+
+
+class _MediaDataset(Dataset):
+    """Entries plus skip-and-replace logic; subclasses implement ``load``."""
+
+    train = False  # subclasses: True draws random starts and crops
+
+    def __init__(self, root: str | None, manifest: str | None, extensions: Sequence[str]):
+        if (root is None) == (manifest is None):
+            raise ValueError(f"{type(self).__name__} needs exactly one of root= or manifest=")
+        self.source = str(root if root is not None else manifest)
+        self.entries = list_folder(root, extensions) if root else read_manifest(manifest)
+        self.skips = SkipLog([e.path for e in self.entries])
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """{path: reason} of the files skipped so far, in this process and its workers."""
+        return self.skips.as_dict()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, entry: MediaEntry, rng: np.random.Generator | None) -> dict:
+        raise NotImplementedError
+
+    def random_generator(self) -> np.random.Generator | None:
+        """A generator seeded from torch's (per-worker seeded) RNG in training, else None."""
+        if not self.train:
+            return None
+        return np.random.default_rng(int(torch.randint(0, 2**62, ())))
+
+    def __getitem__(self, index: int) -> dict:
+        rng = self.random_generator()
+        for offset in range(len(self.entries)):
+            position = (index + offset) % len(self.entries)
+            if self.skips.is_skipped(position):
+                continue
+            try:
+                return self.load(self.entries[position], rng)
+            except MediaReadError as err:
+                if self.skips.mark(position, err.reason):
+                    warnings.warn(f"skipping {err}", SkippedMediaWarning, stacklevel=2)
+        raise RuntimeError(
+            f"none of the {len(self.entries)} files of {self.source} could be read: {self.skipped}"
+        )
+
+
+class VideoClipDataset(_MediaDataset):
+    """Clips of ``num_frames`` frames at ``fps`` (or ``stride``) from a folder or manifest.
+
+    ``train=True``: random start and random crop per read; ``train=False``: the clip starts
+    at the segment's start with a central crop. ``key`` is ``"<path>#<first frame index>"``.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        manifest: str | None = None,
+        num_frames: int = 8,
+        size: int | Sequence[int] = 256,
+        fps: float | None = None,
+        stride: int | None = None,
+        train: bool = True,
+        extensions: Sequence[str] = VIDEO_EXTENSIONS,
+        num_threads: int = 1,
+    ) -> None:
+        if fps is not None and stride is not None:
+            raise ValueError("VideoClipDataset: give either fps or stride, not both")
+        super().__init__(root, manifest, tuple(e.lower() for e in extensions))
+        self.num_frames, self.size = num_frames, parse_size(size)
+        self.fps, self.stride, self.train, self.num_threads = fps, stride, train, num_threads
+
+    def load(self, entry: MediaEntry, rng: np.random.Generator | None) -> dict:
+        clip = read_clip(
+            entry.path,
+            self.num_frames,
+            self.size,
+            fps=self.fps,
+            stride=self.stride,
+            start=entry.start,
+            end=entry.end,
+            rng=rng,
+            num_threads=self.num_threads,
+        )
+        return {
+            "frames": clip.frames,
+            "caption": entry.caption,
+            "is_video": self.num_frames > 1,
+            "key": f"{entry.path}#{clip.indices[0]}",
+        }
+
+
+def read_image(
+    path: str | Path, size: tuple[int, int], rng: np.random.Generator | None = None
+) -> torch.Tensor:
+    """An image as a (1, 3, H, W) clip in [-1, 1]: resized to cover ``size``, then cropped."""
+    path = Path(path)
+    if not path.exists():
+        raise MediaReadError(path, "missing")
+    if path.stat().st_size == 0:
+        raise MediaReadError(path, "empty")
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+        raise MediaReadError(path, "unreadable", str(err)) from err
+    height, width = cover_size((rgb.height, rgb.width), size)
+    resized = np.array(rgb.resize((width, height), Image.Resampling.BICUBIC))
+    top, left = crop_offsets((height, width), size, rng)
+    return uint8_to_unit(resized[None, top : top + size[0], left : left + size[1]])
+
+
+class ImageDataset(_MediaDataset):
+    """Images from a folder or manifest as 1-frame videos; random crop when ``train``."""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        manifest: str | None = None,
+        size: int | Sequence[int] = 256,
+        train: bool = True,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
+        super().__init__(root, manifest, tuple(e.lower() for e in extensions))
+        self.size, self.train = parse_size(size), train
+
+    def load(self, entry: MediaEntry, rng: np.random.Generator | None) -> dict:
+        frames = read_image(entry.path, self.size, rng)
+        return {"frames": frames, "caption": entry.caption, "is_video": False, "key": entry.path}
