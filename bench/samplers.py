@@ -66,7 +66,10 @@ class BrownianPath:
 
 
 def gaussian_problem(dims: int = DIMS, seed: int = 0):
-    """Exact denoiser, a start at any sigma_0 for one shared z, and the exact ODE solution."""
+    """Data N(mu, diag(var)), its exact denoiser, a start at any sigma_0 for one shared z, and
+    the exact solution: along the probability-flow ODE ``x - mu`` scales like
+    ``sqrt(var + sigma^2)``, so from ``mu + sqrt(var + sigma_0^2) z`` it ends at
+    ``mu + sqrt(var) z``."""
     gen = torch.Generator().manual_seed(seed)
     mu = torch.randn(dims, generator=gen, dtype=torch.float64) * 0.5
     var = torch.rand(dims, generator=gen, dtype=torch.float64) * 0.95 + 0.05

@@ -29,6 +29,7 @@ from data.video import (
     MediaReadError,
     cover_size,
     crop_offsets,
+    existing_media,
     parse_size,
     read_clip,
     uint8_to_unit,
@@ -234,11 +235,7 @@ def read_image(
     path: str | Path, size: tuple[int, int], rng: np.random.Generator | None = None
 ) -> torch.Tensor:
     """An image as a (1, 3, H, W) clip in [-1, 1]: resized to cover ``size``, then cropped."""
-    path = Path(path)
-    if not path.exists():
-        raise MediaReadError(path, "missing")
-    if path.stat().st_size == 0:
-        raise MediaReadError(path, "empty")
+    path = existing_media(path)
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")

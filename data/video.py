@@ -113,13 +113,19 @@ def choose_indices(
     return [start + o for o in offsets]
 
 
-def probe_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of the first video stream, read from the container header."""
+def existing_media(path: str | Path) -> Path:
+    """``path`` as a Path; a missing or zero-byte file raises a classified MediaReadError."""
     path = Path(path)
     if not path.exists():
         raise MediaReadError(path, "missing")
     if path.stat().st_size == 0:
         raise MediaReadError(path, "empty")
+    return path
+
+
+def probe_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the first video stream, read from the container header."""
+    path = existing_media(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from bench.samplers import gaussian_problem
 from model.diffusion import DiscreteSchedule, append_dims
 from model.samplers import (
     SAMPLERS,
@@ -235,26 +236,8 @@ def test_ddim_zero_terminal_snr_v_close_to_diffusers():
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)
 
 
-def gaussian_problem(dims: int = 512, seed: int = 0):
-    """Data N(mu, diag(var)) and its exact denoiser. Along the probability-flow ODE ``x - mu``
-    scales like ``sqrt(var + sigma^2)``, so starting from ``mu + sqrt(var + sigma_0^2) z`` at
-    any sigma_0 the exact solution at sigma = 0 is ``mu + sqrt(var) z``."""
-    gen = torch.Generator().manual_seed(seed)
-    mu = torch.randn(dims, generator=gen, dtype=torch.float64) * 0.5
-    var = torch.rand(dims, generator=gen, dtype=torch.float64) * 0.95 + 0.05
-    z = torch.randn(1, dims, generator=gen, dtype=torch.float64)
-
-    def denoiser(x, sigma):
-        return mu + var / (var + append_dims(sigma, x.ndim).double() ** 2) * (x - mu)
-
-    def start(sigma_0):
-        return mu + (var + sigma_0**2).sqrt() * z
-
-    return denoiser, start, mu + var.sqrt() * z
-
-
 def test_dpmpp_2m_karras_beats_ddim_on_gaussian_data():
-    denoiser, start, exact = gaussian_problem()
+    denoiser, start, exact = gaussian_problem(512)
 
     def solve(name, schedule, steps):
         sigmas = get_sigmas(schedule, steps, SCHEDULE).double()
