@@ -22,6 +22,7 @@ from model.checkpoint import load_sd_unet, load_sd_vae
 from model.clip import build_clip, load_clip
 from model.depth import DepthEstimator, build_midas, load_midas
 from model.diffusion import DiscreteSchedule, training_loss
+from model.editing import EditSettings, edit_video
 from model.ema import EMA
 from model.structure import clip_structure
 from model.unet import UNet
@@ -158,6 +159,10 @@ class Gen1(pl.LightningModule):
                 raise ValueError("model.depth is null: the batch must carry 'depth'")
             depth = self.depth(frames)
         return clip_structure(depth, tuple(latent_size), t_s)
+
+    def edit(self, frames: torch.Tensor, content: torch.Tensor, settings: EditSettings, **kwargs):
+        """An edited video: ``model.editing.edit_video`` on this model (same arguments)."""
+        return edit_video(self, frames, content, settings, **kwargs)
 
     # -- training --------------------------------------------------------------------------
 

@@ -1,0 +1,506 @@
+"""Edit a video with a Gen-1 model:
+``python infer.py input=IN.mp4 output=OUT.mp4 checkpoint=FILE reference=IMAGE [key=value ...]``.
+
+Composes ``configs/infer.yaml``; checks every input before the model is loaded; reads the
+chosen frames at the working resolution; edits them (``model.editing``); writes an H.264 mp4
+at the source fps (over the stride), with the source's audio where timing allows, an optional
+side-by-side preview and a JSON sidecar of every setting. Outputs are written to temporary
+files and moved into place; the input is never overwritten. A bad input ends the run with one
+line on stderr and exit status 1, leaving no output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import av
+import decord
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from decord._ffi.base import DECORDError
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, UnidentifiedImageError
+
+from data.io import write_video
+from data.video import MediaReadError, existing_media, uint8_to_unit
+from model.checkpoint import CheckpointError
+from model.editing import (
+    EditSettings,
+    autocast,
+    cast_for_inference,
+    check_settings,
+    edit_video,
+    image_content,
+    temporal_frame_limit,
+    text_content,
+)
+from model.gen1 import build_depth
+from model.release import file_sha256, is_release, load_gen1
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+# Demuxers that open still images or text as a "video" stream.
+NOT_VIDEO_FORMATS = {"image2", "tty"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+class InferError(Exception):
+    """A bad input or setting, reported to the user as one line."""
+
+
+@dataclass
+class SourceVideo:
+    """What the reader tells about a video file."""
+
+    path: str
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+    has_audio: bool
+
+
+@contextmanager
+def native_stderr_silenced():
+    """Keep decord/ffmpeg's native log lines off stderr (errors are reported as exceptions)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def existing(path: str | Path) -> Path:
+    """``path`` if it is a non-empty file, else InferError ("missing" / "empty")."""
+    try:
+        return existing_media(path)
+    except MediaReadError as err:
+        raise InferError(str(err)) from err
+
+
+def _first_line(err: Exception) -> str:
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return line.rsplit(": ", 1)[-1][:200] if "/src/" in line else line[:200]
+
+
+def probe_video(path: str | Path) -> SourceVideo:
+    """Frame count, fps, size and audio presence of a video, or InferError saying why not."""
+    path = existing(path)
+    try:
+        with native_stderr_silenced(), av.open(str(path)) as container:
+            fmt = container.format.name
+            if fmt in NOT_VIDEO_FORMATS or fmt.endswith("_pipe"):
+                raise InferError(f"{path}: not a video (it reads as {fmt!r})")
+            if not container.streams.video:
+                raise InferError(f"{path}: contains no video frames (no video stream)")
+            context = container.streams.video[0].codec_context
+            height, width = context.height, context.width
+            has_audio = bool(container.streams.audio)
+    except (av.FFmpegError, OSError) as err:
+        raise InferError(f"{path}: not a readable video ({_first_line(err)})") from err
+    try:
+        with native_stderr_silenced():
+            reader = decord.VideoReader(str(path), num_threads=1)
+            num_frames, fps = len(reader), float(reader.get_avg_fps())
+    except (RuntimeError, DECORDError) as err:
+        raise InferError(f"{path}: corrupt video stream ({_first_line(err)})") from err
+    if num_frames == 0:
+        raise InferError(f"{path}: contains no video frames")
+    if not np.isfinite(fps) or fps <= 0 or height <= 0 or width <= 0:
+        raise InferError(f"{path}: unusable stream ({width}x{height} at {fps} fps)")
+    return SourceVideo(str(path), num_frames, fps, height, width, has_audio)
+
+
+def read_frames(path: str | Path, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
+    """Frames ``indices`` of a video at ``size`` (H, W): ``(1, F, 3, H, W)`` in [-1, 1]."""
+    out = torch.empty(len(indices), 3, *size)
+    try:
+        with native_stderr_silenced():
+            reader = decord.VideoReader(str(path), width=size[1], height=size[0], num_threads=1)
+            for start in range(0, len(indices), 32):
+                chunk = reader.get_batch(indices[start : start + 32]).asnumpy()
+                out[start : start + len(chunk)] = uint8_to_unit(chunk)
+    except (RuntimeError, DECORDError) as err:
+        raise InferError(f"{path}: corrupt video stream ({_first_line(err)})") from err
+    return out[None]
+
+
+def working_size(height: int, width: int, resolution: int | None, multiple: int):
+    """(H, W): longest side ``resolution`` (or the source's), aspect kept, both rounded to a
+    multiple of ``multiple``."""
+    if resolution is not None and (resolution < multiple or resolution % multiple):
+        raise InferError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
+    scale = 1.0 if resolution is None else resolution / max(height, width)
+    return tuple(
+        max(multiple, round(side * scale / multiple) * multiple) for side in (height, width)
+    )
+
+
+def frame_indices(source: SourceVideo, start: int, end, stride: int, max_frames) -> list[int]:
+    """Source frames ``start, start + stride, ...`` before ``end``, at most ``max_frames``."""
+    total = source.num_frames
+    end = total if end is None else end
+    if stride < 1:
+        raise InferError(f"stride must be >= 1, got {stride}")
+    if max_frames is not None and max_frames < 1:
+        raise InferError(f"max_frames must be >= 1, got {max_frames}")
+    if not (0 <= start < end <= total):
+        raise InferError(
+            f"frame range start={start} end={end} is outside {source.path}, which has "
+            f"{total} frames (0 <= start < end <= {total})"
+        )
+    return list(range(start, end, stride))[:max_frames]
+
+
+def _check_size(path: Path, hw: tuple[int, int], source: SourceVideo, size) -> None:
+    if tuple(hw) not in {(source.height, source.width), tuple(size)}:
+        raise InferError(
+            f"mask {path} is {hw[1]}x{hw[0]}; it must match the input's {source.width}x"
+            f"{source.height} (or the working size {size[1]}x{size[0]})"
+        )
+
+
+def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
+    """An image file as a uint8 array (H, W, C) in ``mode``."""
+    path = existing(path)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode))
+    except (UnidentifiedImageError, OSError) as err:
+        raise InferError(f"{path}: not a readable image ({err})") from err
+
+
+def read_mask(path, source: SourceVideo, indices: list[int], size) -> torch.Tensor:
+    """A mask (1 = edit) ``(1, F or 1, 1, H, W)`` in [0, 1] from an image or a video."""
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        pixels = read_image(path, "L")
+        _check_size(path, pixels.shape[:2], source, size)
+        mask = torch.from_numpy(pixels.copy()).float()[None, None, None] / 255
+        return F.interpolate(mask[0], size=tuple(size), mode="bilinear")[None]
+    video = probe_video(path)
+    _check_size(path, (video.height, video.width), source, size)
+    if video.num_frames != source.num_frames:
+        raise InferError(
+            f"mask {path} has {video.num_frames} frames; the input has {source.num_frames}"
+        )
+    return (read_frames(path, indices, size).mean(dim=2, keepdim=True) + 1) / 2
+
+
+def read_depth(path, source: SourceVideo, indices: list[int], size) -> torch.Tensor:
+    """Depth ``(1, F, 1, H, W)`` from a .npy ``(frames, H, W)`` or a grey video (near = bright)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        try:
+            array = np.load(existing(path), allow_pickle=False)
+        except ValueError as err:
+            raise InferError(f"{path}: not a numeric .npy array ({err})") from err
+        if array.ndim != 3 or array.shape[0] != source.num_frames:
+            raise InferError(
+                f"depth {path} has shape {array.shape}; expected ({source.num_frames}, H, W)"
+            )
+        depth = torch.from_numpy(np.asarray(array[indices], dtype=np.float32))[:, None]
+        return F.interpolate(depth, size=tuple(size), mode="bilinear")[None]
+    video = probe_video(path)
+    if video.num_frames != source.num_frames:
+        raise InferError(
+            f"depth {path} has {video.num_frames} frames; the input has {source.num_frames}"
+        )
+    return read_frames(path, indices, size).mean(dim=2, keepdim=True)
+
+
+def check_request(cfg: DictConfig) -> None:
+    """Required keys, one content source, the prompt's prior, the output path."""
+    for key in ("input", "output", "checkpoint"):
+        if OmegaConf.is_missing(cfg, key) or cfg[key] in (None, ""):
+            raise InferError(
+                f"{key}=... is required (python infer.py input=IN.mp4 output=OUT.mp4 "
+                "checkpoint=FILE reference=IMAGE)"
+            )
+    given = [k for k in ("reference", "prompt", "reference_frame") if cfg[k] is not None]
+    if len(given) != 1:
+        raise InferError(
+            "give exactly one content source: reference=IMAGE, prompt=TEXT or reference_frame=K"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    if cfg.prompt is not None:
+        if cfg.prompt_mode not in ("prior", "direct"):
+            raise InferError(f"prompt_mode must be 'prior' or 'direct', got {cfg.prompt_mode!r}")
+        if cfg.prompt_mode == "prior":
+            raise InferError(
+                "prompt=... with prompt_mode=prior needs a text-to-image-embedding prior, and "
+                + (
+                    f"prior={cfg.prior!r} is set, but no prior is implemented yet"
+                    if cfg.prior is not None
+                    else "none is configured (prior=null)"
+                )
+                + "; use reference=IMAGE, or prompt_mode=direct for the CLIP text embedding as is"
+            )
+    inp, out = Path(cfg.input), Path(cfg.output)
+    if out.suffix.lower() != ".mp4":
+        raise InferError(f"output must be an .mp4 file, got {out}")
+    if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and out.samefile(inp)):
+        raise InferError(f"output {out} is the input: the input is never overwritten")
+    if cfg.precision not in ("auto", *DTYPES):
+        raise InferError(f"precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}")
+
+
+def edit_settings(cfg: DictConfig) -> EditSettings:
+    """The sampling settings of the config."""
+    return EditSettings(
+        steps=cfg.steps,
+        sampler=cfg.sampler,
+        schedule=cfg.schedule,
+        t_s=cfg.t_s,
+        w=cfg.w,
+        w_t=cfg.w_t,
+        strength=cfg.strength,
+        eta=cfg.eta,
+        window_length=cfg.window.length,
+        window_overlap=cfg.window.overlap,
+        chunk_size=cfg.chunk_size,
+        keep_unmasked_pixels=cfg.keep_unmasked_pixels,
+    )
+
+
+def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:
+    device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if cfg.device == "auto"
+        else torch.device(cfg.device)
+    )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferError(f"device={cfg.device}: no CUDA device is available")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    return device, DTYPES[precision]
+
+
+@contextmanager
+def staged_outputs(paths: list[Path]):
+    """Temporary files beside ``paths`` (same suffix); moved into place only on success."""
+    temps = []
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the move
+            temps.append(Path(tmp))
+        yield temps
+        for tmp, path in zip(temps, paths, strict=True):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Inputs:
+    """Everything read from disk before the model is loaded."""
+
+    source: SourceVideo
+    size: tuple[int, int]  # working (H, W)
+    indices: list[int]  # source frames used
+    frames: torch.Tensor  # (1, F, 3, H, W) in [-1, 1]
+    reference: np.ndarray | None  # reference image (H, W, 3) uint8
+    mask: torch.Tensor | None  # (1, F or 1, 1, H, W) in [0, 1]
+    depth: torch.Tensor | None  # (1, F, 1, H, W)
+
+
+def read_inputs(cfg: DictConfig) -> Inputs:
+    """Check the request and read every input file; any problem is an InferError."""
+    check_request(cfg)
+    try:
+        check_settings(edit_settings(cfg))
+    except ValueError as err:
+        raise InferError(str(err)) from err
+    source = probe_video(cfg.input)
+    size = working_size(source.height, source.width, cfg.resolution, cfg.size_multiple)
+    indices = frame_indices(source, cfg.start, cfg.end, cfg.stride, cfg.max_frames)
+    if cfg.reference_frame is not None and not 0 <= cfg.reference_frame < source.num_frames:
+        raise InferError(
+            f"reference_frame={cfg.reference_frame} is outside the input's "
+            f"{source.num_frames} frames"
+        )
+    return Inputs(
+        source=source,
+        size=size,
+        indices=indices,
+        frames=read_frames(cfg.input, indices, size),
+        reference=read_image(cfg.reference) if cfg.reference is not None else None,
+        mask=read_mask(cfg.mask, source, indices, size) if cfg.mask is not None else None,
+        depth=read_depth(cfg.depth, source, indices, size) if cfg.depth is not None else None,
+    )
+
+
+def load_model(cfg: DictConfig, inputs: Inputs, device, dtype):
+    """The Gen1 of ``cfg.checkpoint`` and the MiDaS to use (None: the model's or given depth),
+    on ``device``, weights cast to ``dtype`` (None keeps float32)."""
+    gen1 = load_gen1(cfg.checkpoint, use_ema=cfg.use_ema).to(device)
+    estimator = build_depth(OmegaConf.to_container(cfg.midas)) if cfg.midas.name else None
+    no_depth = inputs.depth is None and estimator is None and gen1.depth is None
+    if gen1.structure_channels and no_depth:
+        raise InferError(
+            f"{cfg.checkpoint} has no depth model: give depth=FILE (a depth video or "
+            ".npy) or midas.name=NAME midas.weights=FILE"
+        )
+    estimator = estimator.to(device) if estimator is not None else None
+    if dtype is not None:
+        for module in (gen1, estimator):
+            if module is not None:
+                cast_for_inference(module, dtype)
+    try:
+        check_settings(edit_settings(cfg), temporal_frame_limit(gen1.unet))
+    except ValueError as err:
+        raise InferError(str(err)) from err
+    return gen1, estimator
+
+
+def content_embedding(cfg: DictConfig, gen1, inputs: Inputs, device, dtype) -> torch.Tensor:
+    """Content ``(1, 1, D)`` of the reference image, the reference frame or the prompt."""
+    with autocast(device, dtype):
+        if inputs.reference is not None:
+            image = torch.from_numpy(inputs.reference.copy()).permute(2, 0, 1)
+            return image_content(gen1, image[None].float() / 127.5 - 1)
+        if cfg.reference_frame is not None:
+            frame = read_frames(cfg.input, [cfg.reference_frame], inputs.size)
+            return image_content(gen1, frame[0])
+        return text_content(gen1, cfg.prompt, cfg.prompt_mode)
+
+
+def write_outputs(cfg: DictConfig, inputs: Inputs, result, sidecar: dict, started: float):
+    """The mp4 (with the source's audio when timing allows), the preview and the sidecar
+    (its timing completed here), staged in temporary files and moved into place together."""
+    output = Path(cfg.output)
+    paths = [output.with_suffix(".json"), output]
+    if cfg.preview:
+        paths.append(output.with_name(output.stem + ".preview.mp4"))
+    fps = sidecar["frames"]["fps"]
+    with staged_outputs(paths) as temps:
+        audio = cfg.input if sidecar["audio"] == "copied" else None
+        write_video(temps[1], result.frames[0], fps, crf=cfg.crf, audio_from=audio)
+        if cfg.preview:
+            frames = inputs.frames[0]
+            depth = result.depth[0] if result.depth is not None else torch.zeros_like(frames)
+            panels = [frames, depth.expand(-1, 3, -1, -1), result.frames[0]]
+            write_video(temps[2], torch.cat(panels, dim=-1), fps, crf=cfg.crf)
+        timing = sidecar["timing"]
+        timing["write_s"] = time.perf_counter() - started - sum(timing.values())
+        timing["total_s"] = time.perf_counter() - started
+        temps[0].write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+def describe(cfg: DictConfig, inputs: Inputs, result, seed: int, gen1, device, dtype) -> dict:
+    """The sidecar: every resolved setting, the seed, the checkpoint's sha256, frames, sizes."""
+    source = inputs.source
+    if not source.has_audio:
+        audio = "none"
+    elif cfg.start == 0 and cfg.stride == 1:
+        audio = "copied"
+    else:
+        audio = "dropped: start/stride change the timing"
+    return {
+        "input": str(Path(cfg.input).resolve()),
+        "output": str(Path(cfg.output).resolve()),
+        "checkpoint": {
+            "path": str(Path(cfg.checkpoint).resolve()),
+            "sha256": file_sha256(cfg.checkpoint),
+            "format": "release" if is_release(cfg.checkpoint) else "lightning",
+        },
+        "seed": seed,
+        "settings": OmegaConf.to_container(cfg, resolve=True),
+        "edit": asdict(edit_settings(cfg)),
+        "source": asdict(source),
+        "frames": {
+            "indices": inputs.indices,
+            "count": len(inputs.indices),
+            "fps": source.fps / cfg.stride,
+        },
+        "size": {
+            "output": list(inputs.size),
+            "latent": [s // gen1.vae.downsample_factor for s in inputs.size],
+        },
+        "windows": result.windows,
+        "audio": audio,
+        "device": str(device),
+        "precision": str(dtype or torch.float32).removeprefix("torch."),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "av": av.__version__,
+            "decord": decord.__version__,
+        },
+    }
+
+
+def run(cfg: DictConfig) -> dict:
+    """Edit ``cfg.input`` into ``cfg.output``; returns the sidecar dict plus ``result``."""
+    clock = [time.perf_counter()]
+    inputs = read_inputs(cfg)
+    clock.append(time.perf_counter())
+    device, dtype = _device_and_dtype(cfg)
+    gen1, estimator = load_model(cfg, inputs, device, dtype)
+    clock.append(time.perf_counter())
+    seed = int(cfg.seed) if cfg.seed is not None else secrets.randbelow(2**31)
+    result = edit_video(
+        gen1,
+        inputs.frames,
+        content_embedding(cfg, gen1, inputs, device, dtype),
+        edit_settings(cfg),
+        depth=inputs.depth,
+        depth_estimator=estimator,
+        mask=inputs.mask,
+        generator=torch.Generator().manual_seed(seed),
+        autocast_dtype=dtype,
+        progress=cfg.progress,
+    )
+    clock.append(time.perf_counter())
+    sidecar = describe(cfg, inputs, result, seed, gen1, device, dtype)
+    phases = ("read_s", "load_s", "edit_s")
+    sidecar["timing"] = {k: b - a for k, a, b in zip(phases, clock[:-1], clock[1:], strict=True)}
+    write_outputs(cfg, inputs, result, sidecar, clock[0])
+    return {**sidecar, "result": result}
+
+
+def cli(cfg: DictConfig) -> int:
+    """Run; a bad input or checkpoint is one line on stderr and exit status 1."""
+    try:
+        outcome = run(cfg)
+    except (InferError, CheckpointError, FileNotFoundError) as err:
+        print(f"infer.py: error: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {cfg.output}: {outcome['frames']['count']} frames, "
+        f"{outcome['size']['output'][1]}x{outcome['size']['output'][0]}, "
+        f"{outcome['frames']['fps']:g} fps, seed {outcome['seed']}"
+    )
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="infer")
+def main(cfg: DictConfig) -> None:
+    code = cli(cfg)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Release files: a trained Gen-1 as one fp16 ``.safetensors`` with its config as JSON metadata.
+
+A release holds what inference needs: the UNet (its EMA weights by default) and the frozen
+parts the model is rebuilt with (VAE, CLIP, MiDaS when the model has one), every floating
+tensor in fp16, and the model's plain config dict as JSON under the metadata key
+``gen1_config``. Reading one uses safetensors and ``json`` only: nothing is unpickled, and
+the only class ever built is ``Gen1`` itself; a config that names a class (``_target_``) or
+an argument ``Gen1`` does not take is refused. Lightning training checkpoints are read with
+``torch.load(weights_only=True)``; pickled objects other than plain data become inert
+stand-ins, never the classes they name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.checkpoint import CheckpointError, load_strict
+from model.gen1 import Gen1
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "gen1_config"
+FORMAT_KEY = "format"
+FORMAT = "gen1-release/1"
+EMA_PREFIX = "ema.model."
+UNET_PREFIX = "unet."
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _find_target(value: Any, where: str = "config") -> str | None:
+    """The path of the first ``_target_`` key inside nested dicts/lists, else None."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if key == "_target_":
+                return f"{where}._target_"
+            found = _find_target(item, f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_target(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _without_targets(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_targets(v) for k, v in value.items() if k != "_target_"}
+    if isinstance(value, list):
+        return [_without_targets(v) for v in value]
+    return value
+
+
+def inference_config(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A Gen-1 config for rebuilding from a full state dict: no ``_target_``, no weight files
+    to load (the state dict has every weight), no EMA copy (the chosen weights are the UNet)."""
+    config = _without_targets(json.loads(json.dumps(dict(hparams))))
+    config["weights"] = None
+    config["ema_decay"] = None
+    if isinstance(config.get("clip"), dict):
+        config["clip"]["weights"] = None
+    if isinstance(config.get("depth"), dict):
+        config["depth"]["weights"] = None
+    return config
+
+
+def check_config(config: Any, path: str | Path) -> dict[str, Any]:
+    """``config`` if it is a dict of ``Gen1`` arguments holding plain data and no class names."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the model config is a {type(config).__name__}, not a dict")
+    target = _find_target(config)
+    if target:
+        raise CheckpointError(f"{path}: the model config names a class ({target}); refused")
+    accepted = set(inspect.signature(Gen1.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown Gen1 config entries {unknown}")
+    return config
+
+
+class _Inert:
+    """Stands in for any non-plain object pickled in a training checkpoint; holds nothing."""
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(state_dict, hyper_parameters)`` of a Lightning checkpoint of ``Gen1``.
+
+    Read with ``torch.load(weights_only=True)``; globals outside torch's safe list (none in
+    the checkpoints Lightning writes for this module) are read as inert stand-ins.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in names]
+        with torch.serialization.safe_globals(stand_ins):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # zip, pickle and torch errors alike: not a checkpoint we can read
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    if not isinstance(data, Mapping) or not isinstance(data.get("state_dict"), Mapping):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    hparams = data.get("hyper_parameters")
+    if not isinstance(hparams, Mapping):
+        raise CheckpointError(f"{path}: no 'hyper_parameters': not saved by the Gen1 module")
+    try:
+        hparams = json.loads(json.dumps(dict(hparams)))
+    except TypeError as err:
+        raise CheckpointError(f"{path}: hyper_parameters hold non-plain data ({err})") from err
+    state = {k: v for k, v in data["state_dict"].items() if isinstance(v, torch.Tensor)}
+    return state, hparams
+
+
+def inference_state(
+    state: Mapping[str, torch.Tensor], use_ema: bool = True, path: str | Path = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """The state of an EMA-less Gen1: the UNet from the EMA copy (``use_ema``, when there is
+    one; else the trained weights, with a warning), every other part as it is."""
+    has_ema = any(k.startswith(EMA_PREFIX) for k in state)
+    if use_ema and not has_ema:
+        log.warning("%s holds no EMA weights: using the trained UNet weights", path)
+    take_ema = use_ema and has_ema
+    out = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
+    if take_ema:
+        out = {k: v for k, v in out.items() if not k.startswith(UNET_PREFIX)}
+        for key, value in state.items():
+            if key.startswith(EMA_PREFIX):
+                out[UNET_PREFIX + key[len(EMA_PREFIX) :]] = value
+    return out
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence a logger's warnings while a model with file-less parts is rebuilt."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def build_gen1(config: dict, state: Mapping[str, torch.Tensor], path: str | Path) -> Gen1:
+    """Gen1 from a checked config and a full inference state dict (strict), in eval mode."""
+    config = check_config(config, path)
+    if config.get("ema_decay") is not None or config.get("weights"):
+        raise CheckpointError(f"{path}: an inference config has no ema_decay and no weights")
+    try:
+        with _quiet("model.gen1"):  # "random weights" warnings: the state dict sets them all
+            gen1 = Gen1(**config)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: the model config does not build a Gen1 ({err})") from err
+    load_strict(gen1, state, path)
+    return gen1.eval().requires_grad_(False)
+
+
+def read_release(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, state)`` of a release file: safetensors and JSON only, nothing unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"release file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({err})") from err
+    if CONFIG_KEY not in metadata:
+        raise CheckpointError(
+            f"{path}: not a Gen-1 release (no {CONFIG_KEY!r} metadata; write one with release.py)"
+        )
+    if metadata.get(FORMAT_KEY) != FORMAT:
+        raise CheckpointError(f"{path}: release format {metadata.get(FORMAT_KEY)!r} != {FORMAT!r}")
+    try:
+        config = json.loads(metadata[CONFIG_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: {CONFIG_KEY} metadata is not JSON ({err})") from err
+    return check_config(config, path), state
+
+
+def write_release(
+    config: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    path: str | Path,
+    dtype: torch.dtype = torch.float16,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> str:
+    """Write a release (floating tensors cast to ``dtype``) via a temporary file moved into
+    place; returns the file's sha256."""
+    path = Path(path)
+    config = check_config(dict(config), path)
+    tensors = {
+        k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()
+    }
+    metadata = {**(extra_metadata or {}), FORMAT_KEY: FORMAT, CONFIG_KEY: json.dumps(config)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return file_sha256(path)
+
+
+def release_from_checkpoint(
+    checkpoint: str | Path, output: str | Path, use_ema: bool = True
+) -> str:
+    """Training checkpoint -> release file (EMA UNet + frozen parts, fp16); returns sha256."""
+    checkpoint, output = Path(checkpoint), Path(output)
+    if output.resolve() == checkpoint.resolve():
+        raise ValueError(f"the release would overwrite its checkpoint {checkpoint}")
+    state, hparams = read_training_checkpoint(checkpoint)
+    config = inference_config(hparams)
+    state = inference_state(state, use_ema, checkpoint)
+    build_gen1(config, state, checkpoint)  # the release must rebuild: fail here, not later
+    extra = {"source_checkpoint": checkpoint.name, "ema": str(use_ema).lower()}
+    return write_release(config, state, output, extra_metadata=extra)
+
+
+def is_release(path: str | Path) -> bool:
+    """Whether ``path`` names a release file (by its ``.safetensors`` suffix)."""
+    return Path(path).suffix == ".safetensors"
+
+
+def load_gen1(path: str | Path, use_ema: bool = True) -> Gen1:
+    """An inference Gen1 (eval, fp32, CPU) from a release file or a Lightning checkpoint; for a
+    checkpoint the UNet takes its EMA weights when ``use_ema`` and they exist."""
+    path = Path(path)
+    if is_release(path):
+        config, state = read_release(path)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    else:
+        state, hparams = read_training_checkpoint(path)
+        config, state = inference_config(hparams), inference_state(state, use_ema, path)
+    return build_gen1(config, state, path)

@@ -1,0 +1,186 @@
+"""infer.py end to end on the tiny model: frames, fps, size, audio, sidecar, windows, masks,
+the release round trip, and one clear line with no output for each bad input."""
+
+import json
+import subprocess
+import sys
+
+import av
+import decord
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import infer
+from model.release import file_sha256, release_from_checkpoint
+from tests.sd_layout import ROOT
+from tests.test_release import write_training_checkpoint
+
+FPS = 12
+FAST = [
+    "resolution=32",
+    "size_multiple=32",
+    "steps=2",
+    "w=3",
+    "midas.name=midas_tiny",
+    "progress=false",
+    "seed=3",
+    "window.length=4",
+    "window.overlap=1",
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A 24-frame 64x48 clip with audio, its checkpoint, a reference image, broken inputs."""
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    folder = tmp_path_factory.mktemp("infer")
+    ffmpeg = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error"]
+    video = ["-f", "lavfi", "-i", f"testsrc2=size=64x48:rate={FPS}"]
+    h264 = ["-c:v", "libx264", "-pix_fmt", "yuv420p"]
+    subprocess.run(
+        [*ffmpeg, *video, "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000",
+         "-t", "2", *h264, "-c:a", "aac", str(folder / "clip.mp4")],
+        check=True,
+    )  # fmt: skip
+    subprocess.run(
+        [*ffmpeg, *video, "-t", "2", *h264, "-movflags", "+faststart", str(folder / "fs.mp4")],
+        check=True,
+    )
+    subprocess.run([*ffmpeg, *video, "-t", "1", *h264, str(folder / "short.mp4")], check=True)
+    good = (folder / "fs.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(good[: len(good) // 2])  # header kept, stream cut
+    subprocess.run([*ffmpeg, *video, "-frames:v", "0", *h264, str(folder / "zero.mp4")], check=True)
+    (folder / "notes.txt").write_text("not a video\n" * 100)
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "garbage.mp4").write_bytes(bytes(range(256)) * 64)
+    Image.fromarray(np.full((48, 64, 3), (200, 40, 40), np.uint8)).save(folder / "red.png")
+    left = np.zeros((48, 64), np.uint8)
+    left[:, :32] = 255
+    Image.fromarray(left).save(folder / "mask.png")
+    Image.fromarray(np.zeros((20, 40), np.uint8)).save(folder / "small_mask.png")
+    ramp = np.linspace(0.1, 1, 64, dtype=np.float32)
+    np.save(folder / "depth.npy", np.stack([np.tile(np.roll(ramp, i), (48, 1)) for i in range(24)]))
+    write_training_checkpoint(folder / "tiny.ckpt")
+    return folder
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("infer", overrides=list(overrides))
+
+
+def read(path):
+    reader = decord.VideoReader(str(path))
+    return reader.get_batch(list(range(len(reader)))).asnumpy(), reader.get_avg_fps()
+
+
+def test_cli_edits_a_video_three_windows_long_with_audio_preview_and_sidecar(files, tmp_path):
+    out = tmp_path / "out" / "edited.mp4"
+    args = [f"input={files / 'clip.mp4'}", f"output={out}", f"checkpoint={files / 'tiny.ckpt'}"]
+    args += [f"reference={files / 'red.png'}", "end=12", "preview=true", *FAST]
+    done = subprocess.run(
+        [sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"wrote {out}: 12 frames, 32x32, 12 fps" in done.stdout
+    frames, fps = read(out)
+    assert frames.shape == (12, 32, 32, 3) and fps == pytest.approx(FPS)
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert len(container.streams.audio) == 1
+    preview, _ = read(out.with_name("edited.preview.mp4"))
+    assert preview.shape == (12, 32, 96, 3)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["checkpoint"]["sha256"] == file_sha256(files / "tiny.ckpt")
+    assert sidecar["seed"] == 3 and sidecar["settings"]["steps"] == 2
+    assert sidecar["frames"] == {"indices": list(range(12)), "count": 12, "fps": FPS}
+    assert sidecar["size"] == {"output": [32, 32], "latent": [8, 8]}
+    assert sidecar["windows"] == [[0, 4], [3, 7], [6, 10], [8, 12]]  # 3x the window length
+    assert sidecar["audio"] == "copied" and sidecar["source"]["num_frames"] == 24
+    assert sidecar["versions"]["torch"] == torch.__version__
+    assert {"read_s", "load_s", "edit_s", "write_s", "total_s"} <= set(sidecar["timing"])
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "edited.json", "edited.mp4", "edited.preview.mp4"
+    ]  # fmt: skip
+
+
+def test_frame_range_stride_prompt_and_mask(files, tmp_path):
+    out = tmp_path / "ranged.mp4"
+    cfg = config(
+        f"input={files / 'clip.mp4'}", f"output={out}", f"checkpoint={files / 'tiny.ckpt'}",
+        "prompt='a red cube'", "prompt_mode=direct", f"mask={files / 'mask.png'}",
+        "start=2", "end=20", "stride=3", "max_frames=5", "crf=0", *FAST,
+    )  # fmt: skip
+    outcome = infer.run(cfg)
+    assert outcome["frames"] == {"indices": [2, 5, 8, 11, 14], "count": 5, "fps": FPS / 3}
+    assert outcome["audio"].startswith("dropped")
+    frames, fps = read(out)
+    assert frames.shape == (5, 32, 32, 3) and fps == pytest.approx(FPS / 3)
+    source = infer.read_frames(files / "clip.mp4", [2, 5, 8, 11, 14], (32, 32))
+    edited = outcome["result"].frames  # the masked (left) half is edited, the right half kept
+    assert torch.equal(edited[..., 17:], source[..., 17:])
+    assert (edited[..., :15] - source[..., :15]).abs().mean() > 0.1
+    source = ((source[0] + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    outside = np.abs(frames[:, :, 18:].astype(float) - source[:, :, 18:]).mean()
+    inside = np.abs(frames[:, :, :14].astype(float) - source[:, :, :14]).mean()
+    assert inside > 5 * outside  # still so after H.264
+
+
+def test_a_release_gives_the_frames_of_its_checkpoint_ema(files, tmp_path):
+    released = tmp_path / "tiny.safetensors"
+    release_from_checkpoint(files / "tiny.ckpt", released)
+    common = [f"input={files / 'clip.mp4'}", "reference_frame=5", "end=8", *FAST]
+    common += [f"depth={files / 'depth.npy'}", "midas.name=null", "crf=0"]  # same structure
+    a = infer.run(config(*common, f"output={tmp_path / 'a.mp4'}", f"checkpoint={released}"))
+    b = infer.run(
+        config(*common, f"output={tmp_path / 'b.mp4'}", f"checkpoint={files / 'tiny.ckpt'}")
+    )
+    assert a["checkpoint"]["format"] == "release" and b["checkpoint"]["format"] == "lightning"
+    error = (a["result"].frames - b["result"].frames).abs()
+    assert error.max() < 0.01 and error.mean() < 1e-3  # fp16 weights
+    frames_a, _ = read(tmp_path / "a.mp4")
+    frames_b, _ = read(tmp_path / "b.mp4")
+    assert np.abs(frames_a.astype(int) - frames_b.astype(int)).mean() < 0.5
+
+
+BAD = {
+    "missing file": (["input={d}/nope.mp4"], "nope.mp4: missing"),
+    "not a video": (["input={d}/notes.txt"], "not a video"),
+    "an image": (["input={d}/red.png"], "not a video"),
+    "empty file": (["input={d}/empty.mp4"], "empty.mp4: empty"),
+    "zero frames": (["input={d}/zero.mp4"], "no video frames"),
+    "garbage": (["input={d}/garbage.mp4"], "not a readable video"),
+    "corrupt stream": (["input={d}/truncated.mp4"], "corrupt video stream"),
+    "start past the end": (["start=30"], "outside"),
+    "end past the end": (["end=25"], "outside"),
+    "mask of the wrong size": (["mask={d}/small_mask.png"], "mask"),
+    "mask video of the wrong length": (["mask={d}/short.mp4"], "has 12 frames"),
+    "prompt without a prior": (["reference_frame=null", "prompt=cube"], "prior"),
+    "two content sources": (["reference={d}/red.png"], "exactly one"),
+    "missing reference": (["reference_frame=null", "reference={d}/none.png"], "missing"),
+    "output is the input": (["output={d}/clip.mp4"], "never overwritten"),
+    "missing checkpoint": (["checkpoint={d}/none.ckpt"], "not found"),
+    "window over the model's frames": (
+        ["window.length=64", "window.overlap=1"],
+        "temporal_max_frames",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_a_failure_status_and_no_output(case, files, tmp_path, capfd):
+    overrides, message = BAD[case]
+    out = tmp_path / "out"
+    base = [f"input={files}/clip.mp4", f"output={out}/edited.mp4"]
+    base += [f"checkpoint={files}/tiny.ckpt", "reference_frame=0", *FAST]
+    before = (files / "clip.mp4").read_bytes()
+    assert infer.cli(config(*base, *(o.format(d=files) for o in overrides))) == 1
+    captured = capfd.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("infer.py: error:"), captured.err
+    assert message in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+    assert (files / "clip.mp4").read_bytes() == before
