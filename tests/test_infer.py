@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import infer
+from data import media
 from model.release import file_sha256, release_from_checkpoint
 from tests.sd_layout import ROOT
 from tests.test_release import write_training_checkpoint
@@ -119,7 +120,7 @@ def test_frame_range_stride_prompt_and_mask(files, tmp_path):
     assert outcome["audio"].startswith("dropped")
     frames, fps = read(out)
     assert frames.shape == (5, 32, 32, 3) and fps == pytest.approx(FPS / 3)
-    source = infer.read_frames(files / "clip.mp4", [2, 5, 8, 11, 14], (32, 32))
+    source = media.read_frames(files / "clip.mp4", [2, 5, 8, 11, 14], (32, 32))
     edited = outcome["result"].frames  # the masked (left) half is edited, the right half kept
     assert torch.equal(edited[..., 17:], source[..., 17:])
     assert (edited[..., :15] - source[..., :15]).abs().mean() > 0.1
