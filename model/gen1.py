@@ -11,6 +11,7 @@ temporal layers off. ``edit`` samples an edited video (see ``model.editing``).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -132,6 +133,19 @@ class Gen1(pl.LightningModule):
     def denoiser_model(self, use_ema: bool = False) -> nn.Module:
         """The UNet that sampling uses: the EMA copy when asked and available."""
         return self.ema.model if use_ema and self.ema is not None else self.unet
+
+    @contextmanager
+    def ema_weights(self):
+        """Within the block ``self.unet`` is the EMA copy (when there is one)."""
+        if self.ema is None:
+            yield self
+            return
+        trained = self.unet
+        self.unet, self.ema.model = self.ema.model, trained
+        try:
+            yield self
+        finally:
+            self.ema.model, self.unet = self.unet, trained
 
     def model_fn(self, unet: nn.Module | None = None):
         """``fn(x, t, context, structure, temporal)``: structure concatenated to the latents."""

@@ -177,3 +177,21 @@ def test_ddp_runs_two_cpu_processes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "finished at step 3" in out.stderr + out.stdout
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_validation_writes_a_sampled_clip(tmp_path):
+    import decord
+
+    cfg = config(
+        tmp_path,
+        *SMALL,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "callbacks.validation_samples.steps=2",
+    )
+    trainer = train(cfg)
+    (sampler,) = [c for c in trainer.callbacks if type(c).__name__ == "ValidationSamples"]
+    assert [p.name for p in sampler.written] == ["step_0000002.mp4"]
+    video = decord.VideoReader(str(sampler.written[0]))
+    assert len(video) == 4 and video[0].shape == (32, 64, 3)  # input | output, 4 frames
