@@ -41,16 +41,19 @@ def time_call(
     return sorted(times)[len(times) // 2]
 
 
-def peak_memory_mib(fn: Callable[[], object], device: str) -> float:
+def peak_memory_mib(fn: Callable[[], object], device: str, *, warmup: int = 0) -> float:
     """Peak memory that one call of ``fn`` adds above what is held before it, in MiB.
 
+    ``warmup`` untimed calls come first: a first call also faults in code pages of the
+    libraries it runs (100+ MiB for a first backward) and fills caches, which is not the
+    model's memory; but it also allocates state that persists (optimizer), so it is opt-in.
     CUDA: the allocator's peak. CPU: the growth of the process's peak resident set during
-    the call; call it in a fresh process. So that this follows live tensor memory: memory
-    freed while building the model is handed back first (else the call reuses it unseen),
-    the kernel's peak is reset (else the build's peak can hide the call's), and during
-    the call glibc maps every buffer over 64 KiB on its own and unmaps it when freed
-    (else heap fragmentation inflates the peak, by 20-80% here).
+    the call (the kernel's peak is reset first, so an earlier peak cannot hide it). It
+    follows live tensor memory only in a fresh process that called
+    ``map_large_buffers_separately`` before building anything.
     """
+    for _ in range(warmup):
+        fn()
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -62,21 +65,35 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 2**10)
-    try:
-        if _reset_peak_rss():
-            base = _status_kib("VmRSS")
-            fn()
-            peak = _status_kib("VmHWM")
-        else:
-            base = _status_kib("VmRSS")
-            fn()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    finally:
-        if libc is not None:  # where glibc's own tuning ends up for this workload
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
-            libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+    if _reset_peak_rss():
+        base = _status_kib("VmRSS")
+        fn()
+        peak = _status_kib("VmHWM")
+    else:  # an upper bound: the warm-up's peak may exceed the call's
+        base = _status_kib("VmRSS")
+        fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return max(0.0, (peak - base) / 1024)
+
+
+def map_large_buffers_separately() -> None:
+    """Make glibc map each buffer over 64 KiB on its own and unmap it once freed.
+
+    Then a process's resident set follows its live tensors; with glibc's default, freed
+    buffers stay in the heap for reuse and fragmentation inflates CPU peaks (20-80% here).
+    Allocation gets slower (about 30% on a UNet step): call ``reuse_heap`` before timing.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 2**10)
+
+
+def reuse_heap() -> None:
+    """Undo ``map_large_buffers_separately``: the heap thresholds glibc's own tuning reaches."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)

@@ -21,7 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import devices, peak_memory_mib, print_table, run_worker  # noqa: E402
+from bench.common import (  # noqa: E402
+    devices,
+    map_large_buffers_separately,
+    peak_memory_mib,
+    print_table,
+    reuse_heap,
+    run_worker,
+)
 
 # size -> (overrides, batch, frames, side)
 SIZES = {
@@ -57,6 +64,8 @@ def build(size: str, device: str):
 
 
 def worker(size: str, device: str, steps: int) -> dict:
+    if device == "cpu":
+        map_large_buffers_separately()  # so peak RSS follows live tensor memory
     model, optimizer, batch = build(size, device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
@@ -68,6 +77,7 @@ def worker(size: str, device: str, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     memory = peak_memory_mib(step, device)  # the first step also allocates AdamW state
+    reuse_heap()
     start = time.perf_counter()
     for _ in range(steps):
         step()

@@ -17,7 +17,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import devices, peak_memory_mib, print_table, run_worker, time_call  # noqa: E402
+from bench.common import (  # noqa: E402
+    devices,
+    map_large_buffers_separately,
+    peak_memory_mib,
+    print_table,
+    reuse_heap,
+    run_worker,
+    time_call,
+)
 from model.unet import UNet  # noqa: E402
 from tests.sd_layout import config  # noqa: E402
 
@@ -68,9 +76,12 @@ def build(impl: str, size: str, device: str, channels_last: bool):
 
 
 def worker(impl: str, size: str, device: str, channels_last: bool, iters: int) -> dict:
+    if device == "cpu":
+        map_large_buffers_separately()  # so peak RSS follows live tensor memory
     model, fn = build(impl, size, device, channels_last)
     with torch.inference_mode():
-        memory = peak_memory_mib(fn, device)
+        memory = peak_memory_mib(fn, device, warmup=1)
+        reuse_heap()
         seconds = time_call(fn, device, warmup=1, iters=iters)
     return {"time_s": seconds, "peak_mib": memory}
 
