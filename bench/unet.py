@@ -1,7 +1,9 @@
 """Forward time and peak memory of our UNet vs diffusers' UNet2DConditionModel.
 
 Same weights (a random SD-layout state dict converted with diffusers' own converter),
-same input. Each measurement runs in a fresh process so CPU peak memory is clean.
+same input, fp32, inference mode. Each measurement runs in a fresh process so CPU peak
+memory is live tensor memory; CPU time is the process's CPU time on one thread (wall
+time on a shared 2-core machine swings more than the differences measured).
 
     python bench/unet.py [--sizes tiny sd15] [--iters 3]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -76,13 +79,16 @@ def build(impl: str, size: str, device: str, channels_last: bool):
 
 
 def worker(impl: str, size: str, device: str, channels_last: bool, iters: int) -> dict:
+    clock = time.perf_counter
     if device == "cpu":
+        torch.set_num_threads(1)  # CPU time on one thread repeats on a shared machine
+        clock = time.process_time
         map_large_buffers_separately()  # so peak RSS follows live tensor memory
     model, fn = build(impl, size, device, channels_last)
     with torch.inference_mode():
         memory = peak_memory_mib(fn, device, warmup=1)
         reuse_heap()
-        seconds = time_call(fn, device, warmup=1, iters=iters)
+        seconds = time_call(fn, device, warmup=1, iters=iters, clock=clock)
     return {"time_s": seconds, "peak_mib": memory}
 
 
@@ -96,7 +102,6 @@ def main() -> None:
         impl, size, device, cl, iters = args.worker
         print(json.dumps(worker(impl, size, device, cl == "1", int(iters))))
         return
-    torch.set_num_threads(torch.get_num_threads())
     rows = []
     for device in devices():
         for size in args.sizes:

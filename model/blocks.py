@@ -23,6 +23,13 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
+class SiLU(nn.SiLU):
+    """SiLU, computed in place when no gradient is being recorded (inference)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
     """SD's normalisation layer: 32 groups."""
     return GroupNorm32(32, channels, eps=eps)
@@ -47,13 +54,13 @@ class ResBlock(nn.Module):
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels), SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
             normalization(out_channels),
-            nn.SiLU(),
+            SiLU(),
             nn.Dropout(dropout),
             zero_(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
@@ -78,7 +85,7 @@ class ResBlock(nn.Module):
             scale, shift = emb_out.chunk(2, dim=1)
             h = rest(norm(h) * (1 + scale) + shift)
         else:
-            h = self.out_layers(h + emb_out)
+            h = self.out_layers(h.add_(emb_out) if not torch.is_grad_enabled() else h + emb_out)
         h = self.skip_connection(x) + h
         if frames is not None and hasattr(self, "temporal"):
             h = self.temporal(h, frames)

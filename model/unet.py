@@ -21,6 +21,7 @@ from model.blocks import (
     Downsample,
     InputConv,
     ResBlock,
+    SiLU,
     SpatialTransformer,
     TimestepEmbedSequential,
     Upsample,
@@ -163,7 +164,7 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(
             normalization(ch),
-            nn.SiLU(),
+            SiLU(),
             zero_(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
         )
 
