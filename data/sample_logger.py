@@ -55,6 +55,8 @@ class ValidationSamples(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.batch is None or not trainer.is_global_zero:
             return
+        if not hasattr(pl_module, "edit"):  # not a Gen-1 model (e.g. a tiny VAE trainer)
+            return
         frames = self.batch["frames"][:1, : self.max_frames]
         depth = self.batch.get("depth")
         depth = depth[:1, : self.max_frames] if depth is not None else None
