@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench tiny-world
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	python3 -m venv $(VENV)
@@ -26,3 +26,20 @@ test: setup lint
 
 bench: setup
 	for script in bench/*.py; do $(PY) $$script || exit 1; done
+
+# Retrain the bundled tiny world model from scratch with train.py (about 1.5 h on 2 CPU
+# cores; see bundle/tiny_world/CARD.md). Writes into bundle/tiny_world/ and outputs/tiny_world/.
+W := bundle/tiny_world
+R := outputs/tiny_world
+tiny-world: setup
+	$(PY) train.py experiment=tiny_vae hydra.run.dir=$(R)/vae
+	$(PY) release.py $(R)/vae/checkpoints/last.ckpt $(W)/vae_tiny.safetensors --component vae
+	$(PY) train.py experiment=tiny_depth hydra.run.dir=$(R)/depth
+	$(PY) release.py $(R)/depth/checkpoints/last.ckpt $(W)/midas_tiny.safetensors --component depth
+	$(PY) train.py experiment=tiny_clip hydra.run.dir=$(R)/clip
+	$(PY) release.py $(R)/clip/checkpoints/last.ckpt $(W)/clip_tiny.safetensors --component clip
+	$(PY) train.py experiment=tiny_world_image
+	$(PY) train.py experiment=tiny_world_video
+	$(PY) release.py $(R)/video/checkpoints/last.ckpt $(W)/gen1_tiny_world.safetensors
+	$(PY) train.py experiment=tiny_prior hydra.run.dir=$(R)/prior
+	$(PY) release.py $(R)/prior/checkpoints/last.ckpt $(W)/prior_tiny.safetensors --component prior

@@ -1,18 +1,43 @@
 """Make a release file from a training checkpoint:
-``python release.py CHECKPOINT.ckpt OUT.safetensors [--no-ema]``.
+``python release.py CHECKPOINT.ckpt OUT.safetensors [--no-ema] [--component NAME]``.
 
 The release holds the EMA UNet (the trained weights with ``--no-ema``) and the frozen parts,
 in fp16, with the model's config as JSON metadata; ``infer.py checkpoint=OUT.safetensors``
-loads it. Prints the release's sha256. Exit status 1 with one line on stderr on failure.
+loads it. ``--component vae|depth|clip|prior`` instead exports the network a component
+trainer (``experiment=tiny_vae`` ...) trained, in the file format its loader reads. Prints
+the file's sha256. Exit status 1 with one line on stderr on failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from pathlib import Path
 
 from model.checkpoint import CheckpointError
-from model.release import release_from_checkpoint
+from model.release import file_sha256, release_from_checkpoint
+
+COMPONENTS = {
+    "vae": ("model.tiny_trainers", "VAETrainer"),
+    "depth": ("model.tiny_trainers", "DepthTrainer"),
+    "clip": ("model.tiny_trainers", "ClipTrainer"),
+    "prior": ("model.prior", "PriorTrainer"),
+}
+
+
+def export_component(checkpoint: str, output: str, component: str) -> str:
+    """The trained network of a component trainer's checkpoint, exported; returns sha256."""
+    module_name, class_name = COMPONENTS[component]
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    trainer_class = getattr(importlib.import_module(module_name), class_name)
+    try:
+        trainer = trainer_class.load_from_checkpoint(checkpoint, map_location="cpu")
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{checkpoint}: not a {class_name} checkpoint ({err})") from err
+    trainer.export(output)
+    return file_sha256(output)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,13 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-ema", action="store_true", help="release the trained weights, not the EMA ones"
     )
+    parser.add_argument(
+        "--component",
+        choices=sorted(COMPONENTS),
+        help="export the network of a component trainer's checkpoint instead",
+    )
     args = parser.parse_args(argv)
     if not args.output.endswith(".safetensors"):
         print(f"release.py: error: output must be a .safetensors file, got {args.output}",
               file=sys.stderr)  # fmt: skip
         return 1
     try:
-        digest = release_from_checkpoint(args.checkpoint, args.output, use_ema=not args.no_ema)
+        if args.component:
+            digest = export_component(args.checkpoint, args.output, args.component)
+        else:
+            digest = release_from_checkpoint(args.checkpoint, args.output, use_ema=not args.no_ema)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"release.py: error: {err}", file=sys.stderr)
         return 1

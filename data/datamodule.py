@@ -20,12 +20,12 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
-OPTIONAL_TENSORS = ("depth", "flow")
+OPTIONAL_TENSORS = ("depth", "flow", "latent_mean", "latent_logvar", "content")
 
 
 def collate_samples(samples: list[dict]) -> dict:
     """Stack samples into a batch: ``frames`` (B, F, 3, H, W), ``is_video`` (B,) bool,
-    ``caption`` and ``key`` lists, and ``depth`` / ``flow`` when every sample has them."""
+    ``caption`` and ``key`` lists, and the ``OPTIONAL_TENSORS`` every sample has."""
     shapes = {tuple(s["frames"].shape) for s in samples}
     if len(shapes) > 1:
         raise ValueError(

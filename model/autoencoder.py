@@ -1,7 +1,9 @@
 """AutoencoderKL, the Stable Diffusion VAE, in the original module layout.
 
-Takes SD's ``ddconfig`` keyword arguments and ``embed_dim``; parameter names are those of
-``ldm.modules.diffusionmodules.model`` so SD VAE checkpoints load by key. The latent
+Takes SD's ``ddconfig`` keyword arguments (plus ``norm_groups``, 32 as in SD, for narrow
+tiny models where 32 groups would normalise each channel alone) and ``embed_dim``;
+parameter names are those of ``ldm.modules.diffusionmodules.model`` so SD VAE checkpoints
+load by key. The latent
 scale factor (0.18215 for SD) is applied here and nowhere else: ``encode`` returns scaled
 latents and ``decode`` takes them. Videos ``(B, F, 3, H, W)`` run in chunks of frames.
 """
@@ -15,18 +17,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def _norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class VAEResBlock(nn.Module):
     """Norm, SiLU, 3x3 conv, twice, with a 1x1 ``nin_shortcut`` when channels change."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32
+    ) -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -42,9 +46,9 @@ class VAEResBlock(nn.Module):
 class VAEAttention(nn.Module):
     """Single-head self-attention over pixels with 1x1-conv projections."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,11 +81,11 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels: int, dropout: float) -> nn.Module:
+def _mid(channels: int, dropout: float, groups: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = VAEResBlock(channels, channels, dropout)
-    mid.attn_1 = VAEAttention(channels)
-    mid.block_2 = VAEResBlock(channels, channels, dropout)
+    mid.block_1 = VAEResBlock(channels, channels, dropout, groups)
+    mid.attn_1 = VAEAttention(channels, groups)
+    mid.block_2 = VAEResBlock(channels, channels, dropout, groups)
     return mid
 
 
@@ -106,6 +110,7 @@ class Encoder(nn.Module):
         z_channels: int,
         double_z: bool = True,
         dropout: float = 0.0,
+        norm_groups: int = 32,
         **_: object,
     ) -> None:
         super().__init__()
@@ -115,17 +120,17 @@ class Encoder(nn.Module):
         for i, mult in enumerate(ch_mult):
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(VAEResBlock(channels, ch * mult, dropout))
+                blocks.append(VAEResBlock(channels, ch * mult, dropout, norm_groups))
                 channels = ch * mult
                 if res in attn_resolutions:
-                    attns.append(VAEAttention(channels))
+                    attns.append(VAEAttention(channels, norm_groups))
             level = _level(blocks, attns)
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(channels)
                 res //= 2
             self.down.append(level)
-        self.mid = _mid(channels, dropout)
-        self.norm_out = _norm(channels)
+        self.mid = _mid(channels, dropout, norm_groups)
+        self.norm_out = _norm(channels, norm_groups)
         self.conv_out = nn.Conv2d(
             channels, 2 * z_channels if double_z else z_channels, 3, padding=1
         )
@@ -156,28 +161,29 @@ class Decoder(nn.Module):
         resolution: int,
         z_channels: int,
         dropout: float = 0.0,
+        norm_groups: int = 32,
         **_: object,
     ) -> None:
         super().__init__()
         channels = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, channels, 3, padding=1)
-        self.mid = _mid(channels, dropout)
+        self.mid = _mid(channels, dropout, norm_groups)
         levels = []
         for i in reversed(range(len(ch_mult))):
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(VAEResBlock(channels, ch * ch_mult[i], dropout))
+                blocks.append(VAEResBlock(channels, ch * ch_mult[i], dropout, norm_groups))
                 channels = ch * ch_mult[i]
                 if res in attn_resolutions:
-                    attns.append(VAEAttention(channels))
+                    attns.append(VAEAttention(channels, norm_groups))
             level = _level(blocks, attns)
             if i != 0:
                 level.upsample = Upsample(channels)
                 res *= 2
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(channels)
+        self.norm_out = _norm(channels, norm_groups)
         self.conv_out = nn.Conv2d(channels, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -237,14 +243,24 @@ class AutoencoderKL(nn.Module):
 
         def encode_images(images: torch.Tensor) -> torch.Tensor:
             mean, logvar = self.moments(images)
-            if sample:
-                noise = torch.randn(
-                    mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
-                )
-                mean = mean + torch.exp(0.5 * logvar) * noise
-            return mean * self.scale_factor
+            return self.scaled_latents(mean, logvar if sample else None, generator)
 
         return self._chunked(encode_images, x)
+
+    def scaled_latents(
+        self,
+        mean: torch.Tensor,
+        logvar: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Scaled latents from posterior moments: the mean, or a draw when ``logvar`` is given
+        (for moments computed earlier, as a cache of encoded clips stores them)."""
+        if logvar is not None:
+            noise = torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
+            mean = mean + torch.exp(0.5 * logvar) * noise
+        return mean * self.scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Pixels in about [-1, 1] of scaled latents (images or videos, as ``encode`` gives)."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import load_sd_unet, load_sd_vae
+from model.checkpoint import NEW_UNET_KEYS, LoadReport, load_sd_unet, load_sd_vae, load_strict
 from model.clip import build_clip, load_clip
 from model.depth import DepthEstimator, build_midas, load_midas
 from model.diffusion import DiscreteSchedule, training_loss
@@ -62,6 +62,26 @@ def build_content_encoder(cfg: dict):
     return build_clip(cfg["model"])
 
 
+def load_stage_unet(unet: UNet, path: str) -> LoadReport:
+    """Start ``unet`` from an earlier training stage: the (EMA) UNet of a Gen-1 Lightning
+    checkpoint or release file; temporal layers the file lacks (an image stage) keep their
+    identity initialisation, any other mismatch raises."""
+    from model.release import (
+        UNET_PREFIX,
+        inference_state,
+        is_release,
+        read_release,
+        read_training_checkpoint,
+    )
+
+    if is_release(path):
+        state = read_release(path)[1]
+    else:
+        state = inference_state(read_training_checkpoint(path)[0], use_ema=True, path=path)
+    state = {k[len(UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    return load_strict(unet, state, path, new_keys=NEW_UNET_KEYS)
+
+
 class Gen1(pl.LightningModule):
     """Structure- and content-guided video diffusion (Esser et al. 2023) as one module."""
 
@@ -98,6 +118,8 @@ class Gen1(pl.LightningModule):
                 "%s",
                 load_sd_unet(self.unet, weights["sd_checkpoint"], weights.get("use_ema", False)),
             )
+        if weights.get("unet"):
+            log.info("%s", load_stage_unet(self.unet, weights["unet"]))
         if weights.get("vae") or weights.get("sd_checkpoint"):
             log.info("%s", load_sd_vae(self.vae, weights.get("vae") or weights["sd_checkpoint"]))
         self.vae.eval().requires_grad_(False)
@@ -196,12 +218,22 @@ class Gen1(pl.LightningModule):
         frames = batch["frames"]
         b, f = frames.shape[:2]
         device = frames.device
+        encoded = "latent_mean" in batch  # a cache of encoded clips (data.encoded)
         with torch.no_grad():
-            latents = self.vae.encode(frames, sample=True, generator=gen)
+            if encoded:
+                latents = self.vae.scaled_latents(
+                    batch["latent_mean"].flatten(0, 1), batch["latent_logvar"].flatten(0, 1), gen
+                ).unflatten(0, (b, f))
+            else:
+                latents = self.vae.encode(frames, sample=True, generator=gen)
             t_s = torch.randint(0, self.hparams.t_s_max + 1, (b,), generator=gen, device=device)
             structure = self.structure(frames, latents.shape[-2:], t_s, batch.get("depth"))
             pick = torch.randint(0, f, (b,), generator=gen, device=device)
-            content = self.encode_content(frames[torch.arange(b, device=device), pick])
+            rows = torch.arange(b, device=device)
+            if encoded:
+                content = batch["content"][rows, pick][:, None]
+            else:
+                content = self.encode_content(frames[rows, pick])
             keep = torch.rand(b, generator=gen, device=device) >= self.hparams.p_uncond
             content = content * keep[:, None, None].to(content.dtype)
         temporal = torch.as_tensor(batch.get("is_video", True), device=device).expand(b).clone()

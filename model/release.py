@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "gen1_config"
 FORMAT_KEY = "format"
 FORMAT = "gen1-release/1"
+EMA_MODULE = "ema."  # the EMA copy and its update count
 EMA_PREFIX = "ema.model."
 UNET_PREFIX = "unet."
 
@@ -145,7 +146,7 @@ def inference_state(
     if use_ema and not has_ema:
         log.warning("%s holds no EMA weights: using the trained UNet weights", path)
     take_ema = use_ema and has_ema
-    out = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
+    out = {k: v for k, v in state.items() if not k.startswith(EMA_MODULE)}
     if take_ema:
         out = {k: v for k, v in out.items() if not k.startswith(UNET_PREFIX)}
         for key, value in state.items():

@@ -12,6 +12,8 @@ strictly: ``checkpoint.load_sd_vae``, ``depth.load_midas(path, "midas_tiny")`` a
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +36,21 @@ def _params(cfg: dict) -> dict:
 def _save_tensors(module: nn.Module, path: str | Path, metadata: dict[str, str] | None) -> Path:
     """Write a module's state dict as ``.safetensors``, or with ``torch.save`` for ``.pt``."""
     path = Path(path)
+    if path.suffix not in (".safetensors", ".pt", ".pth", ".ckpt"):
+        raise ValueError(f"export path {path}: use a .safetensors or .pt file name")
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        save_file(state, str(path), metadata=metadata)
-    elif path.suffix in (".pt", ".pth", ".ckpt"):
-        torch.save(state, path)
-    else:
-        raise ValueError(f"export path {path}: use a .safetensors or .pt file name")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:  # written beside the target and moved into place: never a half-written file
+        if path.suffix == ".safetensors":
+            save_file(state, tmp, metadata=metadata)
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

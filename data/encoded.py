@@ -1,0 +1,207 @@
+"""Clips with what Gen-1's frozen encoders make of them, computed once and cached on disk.
+
+The VAE, MiDaS and CLIP never train with the UNet, so their outputs for a fixed set of
+clips can be computed once: a cache file holds, per clip and frame, the frames (uint8), the
+VAE posterior's mean and log-variance, the depth (MiDaS when the model has one, else the
+source's exact depth) and the CLIP image embedding. A training step then samples latents
+from the stored posterior and runs only the UNet, several times faster on small models.
+
+The file is keyed by the source dataset's config and the encoders' configs and weight
+hashes: a changed key rebuilds it (atomically, with a progress bar); a matching one loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "gen1-encoded-clips/1"
+TENSORS = ("frames", "latent_mean", "latent_logvar", "depth", "content")
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(source: dict, vae: dict, vae_weights: str | None, clip: dict, depth: dict | None):
+    """A digest of everything the cached tensors depend on."""
+    described = {
+        "format": CACHE_FORMAT,
+        "source": source,
+        "vae": vae,
+        "vae_weights": _file_digest(vae_weights),
+        "clip": clip,
+        "clip_weights": _file_digest(clip.get("weights")),
+        "depth": depth,
+        "depth_weights": _file_digest((depth or {}).get("weights")),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def encode_dataset(
+    dataset: Dataset,
+    vae: dict,
+    vae_weights: str | None,
+    clip: dict,
+    depth: dict | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The cached tensors of every sample of ``dataset``, plus captions and keys."""
+    from model.autoencoder import AutoencoderKL
+    from model.checkpoint import load_sd_vae
+    from model.gen1 import build_content_encoder, build_depth
+
+    autoencoder = AutoencoderKL(**{k: v for k, v in vae.items() if k != "_target_"})
+    if vae_weights:
+        load_sd_vae(autoencoder, vae_weights)
+    else:
+        log.warning("no VAE weights given: the cache holds a random VAE's latents")
+    autoencoder.eval()
+    content_encoder = build_content_encoder(clip).eval()
+    depth_estimator = build_depth(depth)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in TENSORS}
+    captions, keys = [], []
+    for index in tqdm(range(len(dataset)), desc="encoding clips", disable=not progress):
+        sample = dataset[index]
+        frames = sample["frames"]  # (F, 3, H, W) in [-1, 1]
+        moments = [autoencoder.moments(chunk) for chunk in frames.split(batch_size)]
+        mean, logvar = (torch.cat([m[i] for m in moments]) for i in (0, 1))
+        if depth_estimator is not None:
+            depth_map = depth_estimator(frames[None])[0]
+        elif "depth" in sample:
+            depth_map = sample["depth"]
+        else:
+            raise ValueError(
+                f"{sample['key']}: the source has no depth and the model no MiDaS (model.depth)"
+            )
+        parts["frames"].append(((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        parts["latent_mean"].append(mean)
+        parts["latent_logvar"].append(logvar)
+        parts["depth"].append(depth_map.to(torch.float16))
+        parts["content"].append(content_encoder.encode_image(frames))
+        captions.append(sample["caption"])
+        keys.append(sample["key"])
+    return {name: torch.stack(values) for name, values in parts.items()}, captions, keys
+
+
+def write_cache(
+    path: Path, key: str, tensors: dict[str, torch.Tensor], captions: list, keys: list
+) -> None:
+    """Write the cache through a temporary file moved into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "captions": json.dumps(captions),
+        "keys": json.dumps(keys),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_cache(path: Path) -> tuple[str | None, dict[str, torch.Tensor], list, list]:
+    """``(key, tensors, captions, keys)`` of a cache file; key None if it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != CACHE_FORMAT:
+                return None, {}, [], []
+            tensors = {name: f.get_tensor(name) for name in TENSORS}
+    except Exception as err:  # a truncated or foreign file: rebuild it
+        log.warning("%s: unreadable encoded-clips cache (%s); rebuilding it", path, err)
+        return None, {}, [], []
+    return (
+        metadata["key"],
+        tensors,
+        json.loads(metadata["captions"]),
+        json.loads(metadata["keys"]),
+    )
+
+
+class EncodedClipDataset(Dataset):
+    """The clips of ``source`` (a dataset config) with their cached encoder outputs.
+
+    ``single_frames=True`` serves every frame of every clip as an image sample (for joint
+    image + video batches from the same cache). Samples hold ``frames`` (F, 3, H, W) in
+    [-1, 1], ``latent_mean`` / ``latent_logvar`` (unscaled), ``depth`` (F, 1, H, W) and
+    ``content`` (F, D), with ``caption``, ``key`` and ``is_video``.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        path: str,
+        vae: Any,
+        clip: Any,
+        vae_weights: str | None = None,
+        depth: Any = None,
+        single_frames: bool = False,
+        progress: bool = True,
+    ) -> None:
+        source, vae, clip, depth = (_plain(c) for c in (source, vae, clip, depth))
+        self.path, self.single_frames = Path(path), single_frames
+        key = cache_key(source, vae, vae_weights, clip, depth)
+        found, tensors, captions, keys = (
+            read_cache(self.path) if self.path.is_file() else (None, {}, [], [])
+        )
+        if found != key:
+            if found is not None:
+                log.info("%s was made from other data or encoders: rebuilding it", self.path)
+            dataset = instantiate(source)
+            tensors, captions, keys = encode_dataset(
+                dataset, vae, vae_weights, clip, depth, progress=progress
+            )
+            write_cache(self.path, key, tensors, captions, keys)
+            log.info("cached %d encoded clips in %s", len(keys), self.path)
+        self.tensors, self.captions, self.keys = tensors, captions, keys
+        self.num_clips, self.num_frames = tensors["frames"].shape[:2]
+
+    def __len__(self) -> int:
+        return self.num_clips * self.num_frames if self.single_frames else self.num_clips
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        clip, frames = index, slice(None)
+        if self.single_frames:
+            clip, frame = divmod(index, self.num_frames)
+            frames = slice(frame, frame + 1)
+        sample = {name: value[clip, frames] for name, value in self.tensors.items()}
+        sample["frames"] = sample["frames"].float() / 127.5 - 1.0
+        sample["depth"] = sample["depth"].float()
+        key = self.keys[clip] + (f"@{frames.start}" if self.single_frames else "")
+        is_video = not self.single_frames and self.num_frames > 1
+        return {**sample, "caption": self.captions[clip], "key": key, "is_video": is_video}
