@@ -36,7 +36,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str) -> str | None:
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
     """The Trainer with the configured callbacks and loggers."""
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 

@@ -83,7 +83,11 @@ def load_stage_unet(unet: UNet, path: str) -> LoadReport:
 
 
 class Gen1(pl.LightningModule):
-    """Structure- and content-guided video diffusion (Esser et al. 2023) as one module."""
+    """Structure- and content-guided video diffusion (Esser et al. 2023) as one module.
+
+    ``sampling`` holds editing defaults that travel with the checkpoint: ``resolution``,
+    the longest frame side the model was trained at (``infer.py``'s default).
+    """
 
     def __init__(
         self,

@@ -247,6 +247,30 @@ def release_from_checkpoint(
     return write_release(config, state, output, extra_metadata=extra)
 
 
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """The Gen-1 config of a release (its metadata alone) or of a Lightning checkpoint."""
+    path = Path(path)
+    if not is_release(path):
+        return read_training_checkpoint(path)[1]
+    if not path.is_file():
+        raise FileNotFoundError(f"release file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return check_config(json.loads(metadata[CONFIG_KEY]), path)
+    except CheckpointError:
+        raise
+    except Exception as err:  # unreadable header, no or bad config: the full read says which
+        read_release(path)
+        raise CheckpointError(f"{path}: unreadable release config ({err})") from err
+
+
+def native_resolution(path: str | Path, default: int = 512) -> int:
+    """The longest frame side a checkpoint was trained at (its ``sampling.resolution``)."""
+    sampling = read_model_config(path).get("sampling") or {}
+    return int(sampling.get("resolution", default))
+
+
 def is_release(path: str | Path) -> bool:
     """Whether ``path`` names a release file (by its ``.safetensors`` suffix)."""
     return Path(path).suffix == ".safetensors"
