@@ -15,9 +15,7 @@ and exit status 1.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from data.synthetic import SyntheticWorldDataset, render
+from model.atomic import atomic_output
 from model.checkpoint import CheckpointError
 from model.editing import (
     EditSettings,
@@ -296,16 +295,8 @@ def markdown_table(first_column: str, rows: dict[str, dict[str, float]]) -> str:
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_output(path) as tmp:
+        write(tmp)
 
 
 def write_text(path: Path, text: str) -> None:

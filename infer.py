@@ -12,13 +12,11 @@ line on stderr and exit status 1, leaving no output behind.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import secrets
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from data.media import (
     read_image,
     read_mask,
 )
+from model.atomic import atomic_output
 from model.checkpoint import CheckpointError
 from model.editing import (
     EditSettings,
@@ -51,6 +50,7 @@ from model.editing import (
     text_content,
 )
 from model.gen1 import build_depth
+from model.prior import load_prior, prior_function
 from model.release import file_sha256, is_release, load_gen1
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
@@ -104,16 +104,14 @@ def check_request(cfg: DictConfig) -> None:
     if cfg.prompt is not None:
         if cfg.prompt_mode not in ("prior", "direct"):
             raise InferError(f"prompt_mode must be 'prior' or 'direct', got {cfg.prompt_mode!r}")
-        if cfg.prompt_mode == "prior":
+        if cfg.prompt_mode == "prior" and cfg.prior is None:
             raise InferError(
                 "prompt=... with prompt_mode=prior needs a text-to-image-embedding prior, and "
-                + (
-                    f"prior={cfg.prior!r} is set, but no prior is implemented yet"
-                    if cfg.prior is not None
-                    else "none is configured (prior=null)"
-                )
-                + "; use reference=IMAGE, or prompt_mode=direct for the CLIP text embedding as is"
+                "none is configured: set prior=FILE (python -m model.prior export), use "
+                "reference=IMAGE, or prompt_mode=direct for the CLIP text embedding as is"
             )
+        if cfg.prompt_mode == "prior" and not Path(cfg.prior).is_file():
+            raise InferError(f"prior={cfg.prior}: no such prior file")
     inp, out = Path(cfg.input), Path(cfg.output)
     if out.suffix.lower() != ".mp4":
         raise InferError(f"output must be an .mp4 file, got {out}")
@@ -158,22 +156,8 @@ def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None
 @contextmanager
 def staged_outputs(paths: list[Path]):
     """Temporary files beside ``paths`` (same suffix); moved into place only on success."""
-    temps = []
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-            os.close(fd)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the move
-            temps.append(Path(tmp))
-        yield temps
-        for tmp, path in zip(temps, paths, strict=True):
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
+    with ExitStack() as stack:
+        yield [stack.enter_context(atomic_output(path)) for path in paths]
 
 
 @dataclass
@@ -238,7 +222,24 @@ def load_model(cfg: DictConfig, inputs: Inputs, device, dtype):
     return gen1, estimator
 
 
-def content_embedding(cfg: DictConfig, gen1, inputs: Inputs, device, dtype) -> torch.Tensor:
+def prompt_prior(cfg: DictConfig, embed_dim: int, device, seed: int):
+    """The callable ``text_content`` takes: the prior of ``cfg.prior``, sampled from ``seed``
+    (two candidates, the one nearer the text kept, as DALL-E 2 does)."""
+    try:
+        prior = load_prior(cfg.prior)
+    except CheckpointError as err:
+        raise InferError(str(err)) from err
+    if prior.embed_dim != embed_dim:
+        raise InferError(
+            f"prior={cfg.prior} maps {prior.embed_dim}-d CLIP embeddings, but the model's "
+            f"CLIP has {embed_dim}: the prior belongs to another CLIP"
+        )
+    return prior_function(prior.to(device), seed=seed, num_candidates=2)
+
+
+def content_embedding(
+    cfg: DictConfig, gen1, inputs: Inputs, device, dtype, seed: int = 0
+) -> torch.Tensor:
     """Content ``(1, 1, D)`` of the reference image, the reference frame or the prompt."""
     with autocast(device, dtype):
         if inputs.reference is not None:
@@ -247,7 +248,10 @@ def content_embedding(cfg: DictConfig, gen1, inputs: Inputs, device, dtype) -> t
         if cfg.reference_frame is not None:
             frame = read_frames(cfg.input, [cfg.reference_frame], inputs.size)
             return image_content(gen1, frame[0])
-        return text_content(gen1, cfg.prompt, cfg.prompt_mode)
+        prior = None
+        if cfg.prompt_mode == "prior":
+            prior = prompt_prior(cfg, gen1.clip.embed_dim, device, seed)
+        return text_content(gen1, cfg.prompt, cfg.prompt_mode, prior=prior)
 
 
 def write_outputs(cfg: DictConfig, inputs: Inputs, result, sidecar: dict, started: float):
@@ -327,7 +331,7 @@ def run(cfg: DictConfig) -> dict:
     result = edit_video(
         gen1,
         inputs.frames,
-        content_embedding(cfg, gen1, inputs, device, dtype),
+        content_embedding(cfg, gen1, inputs, device, dtype, seed),
         edit_settings(cfg),
         depth=inputs.depth,
         depth_estimator=estimator,

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from model.atomic import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +114,13 @@ def write_cache(
     path: Path, key: str, tensors: dict[str, torch.Tensor], captions: list, keys: list
 ) -> None:
     """Write the cache through a temporary file moved into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": CACHE_FORMAT,
         "key": key,
         "captions": json.dumps(captions),
         "keys": json.dumps(keys),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_safetensors(tensors, path, metadata)
 
 
 def read_cache(path: Path) -> tuple[str | None, dict[str, torch.Tensor], list, list]:

@@ -17,16 +17,14 @@ import hashlib
 import inspect
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from model.atomic import save_safetensors
 from model.checkpoint import CheckpointError, load_strict
 from model.gen1 import Gen1
 
@@ -220,15 +218,7 @@ def write_release(
         k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()
     }
     metadata = {**(extra_metadata or {}), FORMAT_KEY: FORMAT, CONFIG_KEY: json.dumps(config)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_safetensors(tensors, path, metadata)
     return file_sha256(path)
 
 

@@ -12,17 +12,15 @@ strictly: ``checkpoint.load_sd_vae``, ``depth.load_midas(path, "midas_tiny")`` a
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
+from model.atomic import atomic_output, save_safetensors
 from model.autoencoder import AutoencoderKL
 from model.clip import build_clip
 from model.depth import build_midas, midas_input_size
@@ -39,18 +37,10 @@ def _save_tensors(module: nn.Module, path: str | Path, metadata: dict[str, str] 
     if path.suffix not in (".safetensors", ".pt", ".pth", ".ckpt"):
         raise ValueError(f"export path {path}: use a .safetensors or .pt file name")
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:  # written beside the target and moved into place: never a half-written file
-        if path.suffix == ".safetensors":
-            save_file(state, tmp, metadata=metadata)
-        else:
-            torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if path.suffix == ".safetensors":
+        return save_safetensors(state, path, metadata)
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 
