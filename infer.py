@@ -25,7 +25,7 @@ import decord
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.io import write_video
 from data.media import (
@@ -51,7 +51,7 @@ from model.editing import (
 )
 from model.gen1 import build_depth
 from model.prior import load_prior, prior_function
-from model.release import file_sha256, is_release, load_gen1
+from model.release import file_sha256, is_release, load_gen1, native_resolution
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
@@ -69,6 +69,19 @@ def working_size(height: int, width: int, resolution: int | None, multiple: int)
     return tuple(
         max(multiple, round(side * scale / multiple) * multiple) for side in (height, width)
     )
+
+
+def resolution(cfg: DictConfig) -> int | None:
+    """The longest working side: a number, the checkpoint's native one, or None (the source's)."""
+    if cfg.resolution == "native":
+        if not Path(cfg.checkpoint).is_file():
+            raise InferError(f"checkpoint not found: {cfg.checkpoint}")
+        return native_resolution(cfg.checkpoint)
+    if cfg.resolution == "source":
+        return None
+    if not isinstance(cfg.resolution, int):
+        raise InferError(f"resolution must be native, source or a number, got {cfg.resolution!r}")
+    return cfg.resolution
 
 
 def frame_indices(source: SourceVideo, start: int, end, stride: int, max_frames) -> list[int]:
@@ -96,6 +109,10 @@ def check_request(cfg: DictConfig) -> None:
                 "checkpoint=FILE reference=IMAGE)"
             )
     given = [k for k in ("reference", "prompt", "reference_frame") if cfg[k] is not None]
+    if not given and cfg.get("default_reference") is not None:
+        with open_dict(cfg):  # recorded in the sidecar as the reference it was
+            cfg.reference = cfg.default_reference
+        given = ["reference"]
     if len(given) != 1:
         raise InferError(
             "give exactly one content source: reference=IMAGE, prompt=TEXT or reference_frame=K"
@@ -181,7 +198,7 @@ def read_inputs(cfg: DictConfig) -> Inputs:
     except ValueError as err:
         raise InferError(str(err)) from err
     source = probe_video(cfg.input)
-    size = working_size(source.height, source.width, cfg.resolution, cfg.size_multiple)
+    size = working_size(source.height, source.width, resolution(cfg), cfg.size_multiple)
     indices = frame_indices(source, cfg.start, cfg.end, cfg.stride, cfg.max_frames)
     if cfg.reference_frame is not None and not 0 <= cfg.reference_frame < source.num_frames:
         raise InferError(

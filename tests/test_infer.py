@@ -15,7 +15,7 @@ from PIL import Image
 
 import infer
 from data import media
-from model.release import file_sha256, release_from_checkpoint
+from model.release import file_sha256, read_release, release_from_checkpoint, write_release
 from tests.sd_layout import ROOT
 from tests.test_release import write_training_checkpoint
 
@@ -108,6 +108,30 @@ def test_cli_edits_a_video_three_windows_long_with_audio_preview_and_sidecar(fil
     ]  # fmt: skip
 
 
+def test_without_content_or_resolution_the_defaults_apply(files, tmp_path):
+    """No content given: the default reference; resolution=native: the size the checkpoint
+    was trained at (here a release saying 32), resolution=source: the input's (64x48)."""
+    config_32, state = read_release(release_path(files, tmp_path))
+    config_32["sampling"] = {"resolution": 32}
+    write_release(config_32, state, tmp_path / "native32.safetensors")
+    out = tmp_path / "default.mp4"
+    fast = [a for a in FAST if not a.startswith(("resolution", "size_multiple"))]
+    args = [f"input={files / 'clip.mp4'}", f"output={out}", "size_multiple=8", "end=4", *fast]
+    args += [f"default_reference={files / 'red.png'}", "reference_frame=null"]
+    args += [f"checkpoint={tmp_path / 'native32.safetensors'}"]
+    outcome = infer.run(config(*args))
+    assert outcome["settings"]["reference"] == str(files / "red.png")
+    assert outcome["size"]["output"] == [24, 32]  # longest side 32, aspect kept
+    outcome = infer.run(config(*args, "resolution=source"))
+    assert outcome["size"]["output"] == [48, 64]
+
+
+def release_path(files, tmp_path):
+    released = tmp_path / "tiny.safetensors"
+    release_from_checkpoint(files / "tiny.ckpt", released)
+    return released
+
+
 def test_frame_range_stride_prompt_and_mask(files, tmp_path):
     out = tmp_path / "ranged.mp4"
     cfg = config(
@@ -159,7 +183,7 @@ BAD = {
     "end past the end": (["end=25"], "outside"),
     "mask of the wrong size": (["mask={d}/small_mask.png"], "mask"),
     "mask video of the wrong length": (["mask={d}/short.mp4"], "has 12 frames"),
-    "prompt without a prior": (["reference_frame=null", "prompt=cube"], "prior"),
+    "prompt without a prior": (["reference_frame=null", "prompt=cube", "prior=null"], "prior"),
     "two content sources": (["reference={d}/red.png"], "exactly one"),
     "missing reference": (["reference_frame=null", "reference={d}/none.png"], "missing"),
     "output is the input": (["output={d}/clip.mp4"], "never overwritten"),

@@ -215,7 +215,7 @@ def infer_config(*overrides):
 )
 def test_infer_prompt_without_a_prior_file_is_one_clear_line(prior, message, tmp_path, capfd):
     args = [f"input={tmp_path}/in.mp4", f"output={tmp_path}/out.mp4", "checkpoint=none.ckpt"]
-    args += ["prompt=a red box"] + ([f"prior={tmp_path}/{prior}"] if prior else [])
+    args += ["prompt=a red box", f"prior={tmp_path}/{prior}" if prior else "prior=null"]
     assert infer.cli(infer_config(*args)) == 1
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "prior" in err
