@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from data.captions import world_pairs
 from data.synthetic import SyntheticWorldDataset, render
 from model.atomic import atomic_output
 from model.checkpoint import CheckpointError
@@ -48,6 +49,7 @@ from model.metrics import (
     structure_fidelity,
     warp_error,
 )
+from model.prior import evaluate_prior, load_prior, prior_function
 from model.release import file_sha256, load_gen1
 
 SETTINGS = {
@@ -73,7 +75,7 @@ class EvalError(Exception):
 def check_config(cfg: DictConfig) -> None:
     """Every choice and count in range, before anything is loaded."""
     choices = {
-        "mode": ("compare", "sweep"),
+        "mode": ("compare", "sweep", "prompts"),
         "reference": ("other_clip", "own_clip"),
         "content": ("image", "prompt"),
         "structure": ("auto", "midas", "exact"),
@@ -88,8 +90,12 @@ def check_config(cfg: DictConfig) -> None:
         raise EvalError(f"num_frames must be in [2, {SEED_STRIDE}), got {cfg.num_frames}")
     if not 0 <= cfg.reference_frame < cfg.num_frames:
         raise EvalError(f"reference_frame must be in [0, num_frames), got {cfg.reference_frame}")
-    if cfg.content == "prompt" and not cfg.prompt:
+    if (cfg.content == "prompt" or cfg.mode == "prompts") and not cfg.prompt:
         raise EvalError("content=prompt needs prompt=TEXT (or prompt=caption)")
+    if cfg.mode == "prompts" and not Path(str(cfg.prior)).is_file():
+        raise EvalError(
+            f"mode=prompts needs prior=FILE (a model.prior export); not found: {cfg.prior}"
+        )
     if cfg.mode == "sweep" and not (cfg.sweep.w_t and cfg.sweep.t_s):
         raise EvalError("sweep.w_t and sweep.t_s must each list at least one value")
     try:
@@ -204,14 +210,18 @@ def prompt_of(cfg: DictConfig, clip: WorldClip) -> str | None:
 class Editor:
     """Edits one clip with fixed content, conditioning depth and noise seeds."""
 
-    def __init__(self, cfg: DictConfig, gen1, estimator, clip: WorldClip) -> None:
+    def __init__(
+        self, cfg: DictConfig, gen1, estimator, clip: WorldClip, content: torch.Tensor | None = None
+    ) -> None:
         self.cfg, self.gen1, self.clip = cfg, gen1, clip
         self.midas_depth = video_depth(gen1, clip.frames, estimator, cfg.chunk_size)
         structure = cfg.structure
         if structure == "auto":
             structure = "midas" if gen1.depth is not None or cfg.midas.name else "exact"
         self.depth = clip.depth if structure == "exact" else self.midas_depth
-        if cfg.content == "image":
+        if content is not None:
+            self.content = content
+        elif cfg.content == "image":
             self.content = image_content(gen1, clip.reference_image)
         else:
             self.content = text_content(gen1, prompt_of(cfg, clip), mode="direct")
@@ -385,6 +395,45 @@ def run_sweep(cfg: DictConfig, gen1, estimator, clips: list[WorldClip]) -> dict:
     }
 
 
+def run_prompts(cfg: DictConfig, gen1, estimator, clips: list[WorldClip]) -> dict:
+    """Text prompts two ways: through the prior (``prompt_mode=prior``) and as the raw CLIP
+    text embedding (``direct``). Edits each clip from its prompt both ways (video model) and
+    scores them; also the prior's embeddings against the true image embeddings of held-out
+    (caption, frame) pairs of the world."""
+    prior = load_prior(cfg.prior)
+    to_image = prior_function(prior, seed=cfg.seed, num_candidates=cfg.prior_candidates)
+    records, per_clip = [], []
+    for clip in tqdm(clips, desc="prompts", disable=not cfg.progress):
+        prompt = prompt_of(cfg, clip)
+        contents = {
+            "prior": text_content(gen1, prompt, mode="prior", prior=to_image),
+            "direct": text_content(gen1, prompt, mode="direct"),
+        }
+        scores = {}
+        for mode, content in contents.items():
+            editor = Editor(cfg, gen1, estimator, clip, content=content)
+            score = Scorer(cfg, gen1, estimator, clip, editor.midas_depth)
+            scores[f"prompt_mode={mode}"] = score(editor.video(cfg.w_t, cfg.t_s))
+        records.append(scores)
+        per_clip.append({**clip_record(clip), "prompt": prompt, "scores": scores})
+    means = mean_scores(records)
+    text, images = world_pairs(
+        gen1.clip, num_clips=cfg.prior_pairs, size=cfg.size, split="test", progress=cfg.progress
+    )
+    embeddings = evaluate_prior(
+        prior.to(text.device), text, images, seed=cfg.seed, num_candidates=cfg.prior_candidates
+    )
+    table = (
+        f"### Edits from prompts ({len(clips)} held-out clips)\n\n"
+        f"{markdown_table('content', means)}\n"
+        f"### Embeddings ({embeddings['count']} held-out caption-frame pairs)\n\n"
+        "| embedding | mean cosine with the true image embedding |\n|---|---|\n"
+        f"| prior sample | {embeddings['cos_prior']:.4f} |\n"
+        f"| raw text | {embeddings['cos_text']:.4f} |\n"
+    )
+    return {"table": table, "mean": means, "embeddings": embeddings, "clips": per_clip}
+
+
 def plot_sweep(records: list[dict[str, dict[str, float]]], axis: str, metrics) -> Figure:
     """One panel per metric: its mean over clips (+- one standard deviation) against ``axis``."""
     figure = Figure(figsize=(4.2 * len(metrics), 3.4), layout="constrained")
@@ -422,7 +471,8 @@ def run(cfg: DictConfig) -> dict:
     gen1, estimator = load_model(cfg, _device(cfg))
     clips = list(world_clips(cfg))
     try:
-        result = (run_compare if cfg.mode == "compare" else run_sweep)(cfg, gen1, estimator, clips)
+        modes = {"compare": run_compare, "sweep": run_sweep, "prompts": run_prompts}
+        result = modes[cfg.mode](cfg, gen1, estimator, clips)
     except ValueError as err:  # settings the model cannot take (e.g. a size the VAE cannot)
         raise EvalError(str(err)) from err
     figures = result.pop("figures", {})

@@ -80,19 +80,18 @@ def cache_key(source: dict, clip: dict) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def build_clip_embedder(clip: dict):
-    """The frozen CLIP of ``{model, weights}`` (random weights, with a warning, when unset)."""
-    from model.clip import build_clip, load_clip
+def build_clip_embedder(clip):
+    """The frozen CLIP: a ``ClipEmbedder`` as it is, or one built from ``{model, weights}``
+    (random weights, with a warning, when unset)."""
+    from model.clip import ClipEmbedder
+    from model.gen1 import build_content_encoder
 
-    if clip.get("weights"):
-        return load_clip(clip["weights"], clip["model"], config_key="model.clip.weights")
-    log.warning("model.clip.weights is not set: CLIP %s has random weights", clip["model"])
-    return build_clip(clip["model"])
+    return clip if isinstance(clip, ClipEmbedder) else build_content_encoder(clip)
 
 
 @torch.no_grad()
 def embed_pairs(
-    dataset: Dataset, clip: dict, batch_size: int = 64, progress: bool = True
+    dataset: Dataset, clip, batch_size: int = 64, progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """Embeddings of every (frame, caption) pair of ``dataset``, with captions and keys.
 
@@ -301,7 +300,7 @@ class CaptionEmbeddingDataModule(pl.LightningDataModule):
 
 
 def world_pairs(
-    clip: dict,
+    clip,
     num_clips: int = 1000,
     num_frames: int = 1,
     size: int = 64,

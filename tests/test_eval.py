@@ -10,8 +10,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import eval as eval_cli
+from model.prior import export_prior
 from model.release import inference_config, inference_state, load_gen1, write_release
 from tests.sd_layout import ROOT
+from tests.test_prior import small_prior
 from train import build_model
 
 FAST = ["num_clips=2", "num_frames=4", "steps=2", "w=3", "progress=false", "seed=5"]
@@ -115,11 +117,30 @@ def test_sweep_writes_tables_and_two_plots(release, tmp_path):
     assert outcome["files"][0].endswith("sweep.json")
 
 
+def test_prompts_compares_the_prior_with_the_raw_text_embedding(release, tmp_path):
+    prior = export_prior(small_prior(), tmp_path / "prior.safetensors")
+    out = tmp_path / "prompts"
+    cfg = config(
+        f"checkpoint={release}", f"output_dir={out}", "mode=prompts", f"prior={prior}",
+        *FAST, "num_clips=1", "num_frames=3", "prior_pairs=8",
+    )  # fmt: skip
+    outcome = eval_cli.run(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["prompts.json", "prompts.md"]
+    means = outcome["mean"]
+    assert set(means) == {"prompt_mode=prior", "prompt_mode=direct"}
+    assert all("prompt_consistency" in s and finite_scores(s) for s in means.values())
+    assert means["prompt_mode=prior"] != means["prompt_mode=direct"]  # the prior changes content
+    embeddings = outcome["embeddings"]
+    assert embeddings["count"] == 8 and -1 <= embeddings["cos_prior"] <= 1
+    assert "| prior sample |" in (out / "prompts.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["checkpoint=missing/gen1.safetensors"], "checkpoint not found: missing/gen1.safetensors"),
-        (["mode=grid"], "mode must be one of compare, sweep"),
+        (["mode=grid"], "mode must be one of compare, sweep, prompts"),
+        (["mode=prompts", "prior=missing.safetensors"], "needs prior=FILE"),
         (["content=prompt", "prompt=null"], "content=prompt needs prompt"),
         (["num_frames=1"], "num_frames must be in [2"),
         (["steps=0"], "steps must be >= 1"),
