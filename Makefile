@@ -27,7 +27,7 @@ test: setup lint
 bench: setup
 	for script in bench/*.py; do $(PY) $$script || exit 1; done
 
-# Retrain the bundled tiny world model from scratch with train.py (about 1.5 h on 2 CPU
+# Retrain the bundled tiny world model from scratch with train.py (about 2 h on 2 CPU
 # cores; see bundle/tiny_world/CARD.md). Writes into bundle/tiny_world/ and outputs/tiny_world/.
 W := bundle/tiny_world
 R := outputs/tiny_world

@@ -1,71 +1,94 @@
-"""The main job end to end on CPU, until the trained tiny world model is bundled (issue 8).
+"""The main job: edit held-out clips of the procedural world with the bundled tiny Gen-1.
 
-1. Renders a held-out clip of the procedural world (video + its exact depth).
-2. Trains the tiny Gen-1 briefly with ``train.py experiment=tiny``.
-3. Edits the clip with ``infer.py`` (content: its first frame; structure: its depth) and
-   writes the edited mp4, a side-by-side preview and the JSON sidecar under outputs/demo/.
+Runs ``infer.py`` on each bundled sample clip (``bundle/tiny_world/samples/``, rendered from
+the world's test split, which training never saw): two edits take their content from a
+reference image (a frame of another held-out clip), one from a text prompt through the
+bundled prior. Writes the edited mp4s, side-by-side previews (input | depth | output) and
+JSON sidecars under ``outputs/demo/``.
 
-The model is trained for seconds, not hours, so the edit shows the pipeline, not quality.
+``python demo.py --write-samples`` re-renders the sample clips and reference images.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from data.io import write_video
-from data.synthetic import SyntheticWorldDataset
-
+BUNDLE = Path("bundle/tiny_world")
+SAMPLES = BUNDLE / "samples"
 OUT = Path("outputs/demo")
+NUM_FRAMES = 16
+
+# (name, test-split clip, content): content is ("reference", test clip whose frame 0 is the
+# reference image) or ("prompt", text).
+EDITS = [
+    ("clip_a", 3, ("reference", 16)),
+    ("clip_b", 22, ("reference", 30)),
+    (
+        "clip_c",
+        5,
+        ("prompt", "a yellow dotted sphere and a blue sphere on a green checkered floor"),
+    ),
+]
 
 
-def run(*args: str) -> None:
-    print("$", " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], check=True)
+def write_samples() -> None:
+    """Render the sample clips (mp4) and reference images (png) from the world's test split."""
+    from data.io import write_video
+    from data.synthetic import SyntheticWorldDataset
+
+    world = SyntheticWorldDataset(40, num_frames=NUM_FRAMES, size=64, split="test")
+    SAMPLES.mkdir(parents=True, exist_ok=True)
+    for name, index, (kind, value) in EDITS:
+        clip = world[index]
+        write_video(SAMPLES / f"{name}.mp4", clip["frames"], fps=8, crf=10)
+        print(f"{SAMPLES / name}.mp4: {clip['caption']}")
+        if kind == "reference":
+            frame = world[value]["frames"][0]
+            pixels = ((frame.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+            Image.fromarray(pixels.numpy().astype(np.uint8)).save(SAMPLES / f"{name}_ref.png")
+            print(f"{SAMPLES / name}_ref.png: {world[value]['caption']}")
 
 
-def main(train_steps: int = 30) -> None:
+def run_infer(*overrides: str) -> None:
+    print("$ python infer.py", " ".join(overrides), flush=True)
+    subprocess.run([sys.executable, "infer.py", *overrides], check=True)
+
+
+def main() -> None:
+    started = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
-    clip = SyntheticWorldDataset(1, num_frames=16, size=64, split="test")[0]
-    write_video(OUT / "input.mp4", clip["frames"], fps=8)
-    np.save(OUT / "input_depth.npy", clip["depth"][:, 0].numpy())
-    print(f"demo: wrote a held-out world clip: {clip['caption']!r} -> {OUT / 'input.mp4'}")
-
-    run(
-        "train.py",
-        "experiment=tiny",
-        f"trainer.max_steps={train_steps}",
-        "trainer.enable_progress_bar=false",
-        "~callbacks.progress",
-        f"hydra.run.dir={OUT / 'train'}",
-    )
-    run(
-        "infer.py",
-        f"input={OUT / 'input.mp4'}",
-        f"output={OUT / 'edited.mp4'}",
-        f"checkpoint={OUT / 'train' / 'checkpoints' / 'last.ckpt'}",
-        "reference_frame=0",
-        f"depth={OUT / 'input_depth.npy'}",
-        "resolution=64",
-        "steps=10",
-        "sampler=ddim",
-        "w=3",
-        "seed=0",
-        "preview=true",
-        "progress=false",
-    )
-    sidecar = json.loads((OUT / "edited.json").read_text())
-    print(
-        f"demo: trained the tiny Gen-1 for {train_steps} steps, then edited "
-        f"{sidecar['frames']['count']} frames in {len(sidecar['windows'])} temporal windows "
-        f"({sidecar['timing']['edit_s']:.1f} s); wrote {OUT / 'edited.mp4'}, "
-        f"{OUT / 'edited.preview.mp4'} (input | depth | output) and {OUT / 'edited.json'}"
-    )
+    for name, _, (kind, value) in EDITS:
+        content = (
+            f"reference={SAMPLES / name}_ref.png" if kind == "reference" else f"prompt='{value}'"
+        )
+        run_infer(
+            f"input={SAMPLES / name}.mp4",
+            f"output={OUT / name}.mp4",
+            content,
+            "preview=true",
+            "progress=false",
+            "seed=0",
+        )
+        sidecar = json.loads((OUT / f"{name}.json").read_text())
+        print(
+            f"demo: {name}: {sidecar['frames']['count']} frames edited in "
+            f"{sidecar['timing']['edit_s']:.1f} s -> {OUT / name}.mp4, {OUT / name}.preview.mp4"
+        )
+    print(f"demo: done in {time.perf_counter() - started:.0f} s; outputs in {OUT}/")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-samples", action="store_true", help=write_samples.__doc__)
+    if parser.parse_args().write_samples:
+        write_samples()
+    else:
+        main()
