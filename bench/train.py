@@ -1,12 +1,14 @@
 """Training-step throughput and peak memory of the Gen-1 module, tiny and SD 1.5-sized.
 
 A step is what ``Gen1.training_step`` does (VAE encode, depth to structure, CLIP content,
-UNet forward and backward) plus the AdamW update, on a batch of the procedural world.
+UNet forward and backward) plus the AdamW update, on a batch of the procedural world;
+``tiny_world_cached`` takes the same batch from the cache of encoder outputs
+(``data/encoded.py``, ``data=world_encoded``), so its step runs the UNet alone.
 Each configuration runs in a fresh process so CPU peak memory is clean. On CPU the SD 1.5
 row trains the temporal layers only (AdamW state for all 1.3 B parameters does not fit
 this machine's memory beside the model) with gradient checkpointing, batch 1.
 
-    python bench/train.py [--steps 3] [--sizes tiny sd15]
+    python bench/train.py [--steps 3] [--sizes tiny tiny_world tiny_world_cached sd15]
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from bench.common import (  # noqa: E402
 # size -> (overrides, batch, frames, side)
 SIZES = {
     "tiny": (["model=tiny"], 4, 8, 64),
+    "tiny_world": (["model=tiny_world"], 4, 8, 64),
+    "tiny_world_cached": (["model=tiny_world"], 4, 8, 64),
     "sd15": (
         ["model=sd15", "model.trainable=temporal", "model.depth=null", "model.ema_decay=null"],
         1,
@@ -55,7 +59,21 @@ def build(size: str, device: str):
     with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "run_dir=/tmp/bench_train"])
     model = build_model(cfg.model).to(device).train()
-    world = SyntheticWorldDataset(batch, num_frames=frames, size=side)
+    if size.endswith("_cached"):
+        from data.encoded import EncodedClipDataset
+
+        source = {"_target_": "data.synthetic.SyntheticWorldDataset", "num_clips": batch}
+        world = EncodedClipDataset(
+            {**source, "num_frames": frames, "size": side},
+            "/tmp/bench_train/encoded.safetensors",
+            cfg.model.vae,
+            cfg.model.clip,
+            cfg.model.weights.vae,
+            cfg.model.depth,
+            progress=False,
+        )
+    else:
+        world = SyntheticWorldDataset(batch, num_frames=frames, size=side)
     data = collate_samples([world[i] for i in range(batch)])
     data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}
     params = [p for p in model.parameters() if p.requires_grad]
