@@ -40,6 +40,7 @@ from model.checkpoint import CheckpointError
 from model.diffusion import DiscreteSchedule
 from model.samplers import get_sigmas, resolve_sampler
 from model.tiny_trainers import ComponentTrainer
+from model.unet import timestep_embedding
 
 FORMAT = "gen1-prior/1"
 CONFIG_KEY = "prior_config"
@@ -76,14 +77,6 @@ def build_schedule(name: str, num_timesteps: int) -> DiscreteSchedule:
 
 
 # -- network -----------------------------------------------------------------------------------
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features ``(B, dim)`` of (fractional) timesteps ``t`` (B,)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin(), args.new_zeros(len(t), dim % 2)], dim=-1)
 
 
 class Block(nn.Module):
