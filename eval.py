@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from data.captions import world_pairs
 from data.synthetic import SyntheticWorldDataset, render
-from model.atomic import atomic_output
+from model.atomic import atomic_output, file_sha256
 from model.checkpoint import CheckpointError
 from model.editing import (
     EditSettings,
@@ -50,7 +50,7 @@ from model.metrics import (
     warp_error,
 )
 from model.prior import evaluate_prior, load_prior, prior_function
-from model.release import file_sha256, load_gen1
+from model.release import load_gen1
 
 SETTINGS = {
     "video": "video model (w_t={w_t}, one noise draw)",

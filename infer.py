@@ -37,7 +37,7 @@ from data.media import (
     read_image,
     read_mask,
 )
-from model.atomic import atomic_output
+from model.atomic import atomic_output, file_sha256
 from model.checkpoint import CheckpointError
 from model.editing import (
     EditSettings,
@@ -51,7 +51,7 @@ from model.editing import (
 )
 from model.gen1 import build_depth
 from model.prior import load_prior, prior_function
-from model.release import file_sha256, is_release, load_gen1, native_resolution
+from model.release import is_release, load_gen1, native_resolution
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 

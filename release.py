@@ -15,8 +15,9 @@ import importlib
 import sys
 from pathlib import Path
 
+from model.atomic import file_sha256
 from model.checkpoint import CheckpointError
-from model.release import file_sha256, release_from_checkpoint
+from model.release import release_from_checkpoint
 
 COMPONENTS = {
     "vae": ("model.tiny_trainers", "VAETrainer"),

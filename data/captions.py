@@ -15,7 +15,6 @@ with a progress bar); a matching one loads.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from data.cache import digest, plain, read_cache, write_cache
 from data.datamodule import JointBatchSampler
-from model.atomic import save_safetensors
+from model.atomic import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +35,11 @@ CACHE_FORMAT = "gen1-caption-embeddings/1"
 TENSORS = ("image", "text", "sample")
 
 
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_fingerprint(source: dict) -> str | None:
     """What a config cannot say about its files: a manifest's sha256, or the names, sizes and
     modification times of a folder's files (so added or edited images rebuild the cache)."""
     if source.get("manifest"):
-        return _sha256(source["manifest"])
+        return file_sha256(source["manifest"])
     root = source.get("root")
     if not root or not Path(root).is_dir():
         return None
@@ -75,9 +61,9 @@ def cache_key(source: dict, clip: dict) -> str:
         "source": source,
         "files": source_fingerprint(source),
         "clip": clip,
-        "clip_weights": _sha256(weights) if weights else None,
+        "clip_weights": file_sha256(weights) if weights else None,
     }
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    return digest(described)
 
 
 def build_clip_embedder(clip):
@@ -137,31 +123,6 @@ def embed_pairs(
     return tensors, captions, keys
 
 
-def write_cache(path: Path, key: str, tensors: dict, captions: list, keys: list) -> None:
-    """Write the cache through a temporary file moved into place."""
-    metadata = {
-        "format": CACHE_FORMAT,
-        "key": key,
-        "captions": json.dumps(captions),
-        "keys": json.dumps(keys),
-    }
-    save_safetensors(tensors, path, metadata)
-
-
-def read_cache(path: Path) -> tuple[str | None, dict[str, torch.Tensor], list, list]:
-    """``(key, tensors, captions, keys)`` of a cache file; key None if it is not one."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != CACHE_FORMAT:
-                return None, {}, [], []
-            tensors = {name: f.get_tensor(name) for name in TENSORS}
-    except Exception as err:  # a truncated or foreign file: rebuild it
-        log.warning("%s: unreadable caption-embedding cache (%s); rebuilding it", path, err)
-        return None, {}, [], []
-    return metadata["key"], tensors, json.loads(metadata["captions"]), json.loads(metadata["keys"])
-
-
 class CaptionEmbeddingDataset(Dataset):
     """The (frame, caption) pairs of ``source`` (a dataset config) as cached CLIP embeddings.
 
@@ -172,18 +133,16 @@ class CaptionEmbeddingDataset(Dataset):
     def __init__(
         self, source: Any, path: str, clip: Any, batch_size: int = 64, progress: bool = True
     ) -> None:
-        source, clip = _plain(source), _plain(clip)
+        source, clip = plain(source), plain(clip)
         self.path = Path(path)
         key = cache_key(source, clip)
-        found, tensors, captions, keys = (
-            read_cache(self.path) if self.path.is_file() else (None, {}, [], [])
-        )
+        found, tensors, captions, keys = read_cache(self.path, CACHE_FORMAT, TENSORS)
         self.rebuilt = found != key
         if self.rebuilt:
             if found is not None:
                 log.info("%s was made from other data or another CLIP: rebuilding it", self.path)
             tensors, captions, keys = embed_pairs(instantiate(source), clip, batch_size, progress)
-            write_cache(self.path, key, tensors, captions, keys)
+            write_cache(self.path, CACHE_FORMAT, key, tensors, captions, keys)
             log.info("cached %d caption-image pairs in %s", len(keys), self.path)
         self.image, self.text, self.sample = tensors["image"], tensors["text"], tensors["sample"]
         self.captions, self.keys = captions, keys

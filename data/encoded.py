@@ -12,20 +12,17 @@ hashes: a changed key rebuilds it (atomically, with a progress bar); a matching 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from model.atomic import save_safetensors
+from data.cache import digest, plain, read_cache, write_cache
+from model.atomic import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +30,9 @@ CACHE_FORMAT = "gen1-encoded-clips/1"
 TENSORS = ("frames", "latent_mean", "latent_logvar", "depth", "content")
 
 
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def _file_digest(path: str | None) -> str | None:
-    if not path:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def weight_digest(path: str | None) -> str | None:
+    """The sha256 of a weight file (None when there is none)."""
+    return file_sha256(path) if path else None
 
 
 def cache_key(source: dict, vae: dict, vae_weights: str | None, clip: dict, depth: dict | None):
@@ -53,13 +41,13 @@ def cache_key(source: dict, vae: dict, vae_weights: str | None, clip: dict, dept
         "format": CACHE_FORMAT,
         "source": source,
         "vae": vae,
-        "vae_weights": _file_digest(vae_weights),
+        "vae_weights": weight_digest(vae_weights),
         "clip": clip,
-        "clip_weights": _file_digest(clip.get("weights")),
+        "clip_weights": weight_digest(clip.get("weights")),
         "depth": depth,
-        "depth_weights": _file_digest((depth or {}).get("weights")),
+        "depth_weights": weight_digest((depth or {}).get("weights")),
     }
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    return digest(described)
 
 
 @torch.no_grad()
@@ -110,38 +98,6 @@ def encode_dataset(
     return {name: torch.stack(values) for name, values in parts.items()}, captions, keys
 
 
-def write_cache(
-    path: Path, key: str, tensors: dict[str, torch.Tensor], captions: list, keys: list
-) -> None:
-    """Write the cache through a temporary file moved into place."""
-    metadata = {
-        "format": CACHE_FORMAT,
-        "key": key,
-        "captions": json.dumps(captions),
-        "keys": json.dumps(keys),
-    }
-    save_safetensors(tensors, path, metadata)
-
-
-def read_cache(path: Path) -> tuple[str | None, dict[str, torch.Tensor], list, list]:
-    """``(key, tensors, captions, keys)`` of a cache file; key None if it is not one."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != CACHE_FORMAT:
-                return None, {}, [], []
-            tensors = {name: f.get_tensor(name) for name in TENSORS}
-    except Exception as err:  # a truncated or foreign file: rebuild it
-        log.warning("%s: unreadable encoded-clips cache (%s); rebuilding it", path, err)
-        return None, {}, [], []
-    return (
-        metadata["key"],
-        tensors,
-        json.loads(metadata["captions"]),
-        json.loads(metadata["keys"]),
-    )
-
-
 class EncodedClipDataset(Dataset):
     """The clips of ``source`` (a dataset config) with their cached encoder outputs.
 
@@ -162,12 +118,10 @@ class EncodedClipDataset(Dataset):
         single_frames: bool = False,
         progress: bool = True,
     ) -> None:
-        source, vae, clip, depth = (_plain(c) for c in (source, vae, clip, depth))
+        source, vae, clip, depth = (plain(c) for c in (source, vae, clip, depth))
         self.path, self.single_frames = Path(path), single_frames
         key = cache_key(source, vae, vae_weights, clip, depth)
-        found, tensors, captions, keys = (
-            read_cache(self.path) if self.path.is_file() else (None, {}, [], [])
-        )
+        found, tensors, captions, keys = read_cache(self.path, CACHE_FORMAT, TENSORS)
         if found != key:
             if found is not None:
                 log.info("%s was made from other data or encoders: rebuilding it", self.path)
@@ -175,7 +129,7 @@ class EncodedClipDataset(Dataset):
             tensors, captions, keys = encode_dataset(
                 dataset, vae, vae_weights, clip, depth, progress=progress
             )
-            write_cache(self.path, key, tensors, captions, keys)
+            write_cache(self.path, CACHE_FORMAT, key, tensors, captions, keys)
             log.info("cached %d encoded clips in %s", len(keys), self.path)
         self.tensors, self.captions, self.keys = tensors, captions, keys
         self.num_clips, self.num_frames = tensors["frames"].shape[:2]

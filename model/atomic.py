@@ -1,8 +1,9 @@
-"""Writing files so that a reader never sees a half-written one: a temporary file beside the
-target, moved onto it (``os.replace``) only when writing succeeded."""
+"""Files written so that a reader never sees a half-written one (a temporary file beside the
+target, moved onto it with ``os.replace`` only when writing succeeded), and fingerprinted."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -40,3 +41,12 @@ def save_safetensors(
     with atomic_output(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -502,7 +502,7 @@ class PriorTrainer(ComponentTrainer):
         if clip:
             weights = clip.get("weights")
             if weights and Path(weights).is_file():
-                from model.release import file_sha256
+                from model.atomic import file_sha256
 
                 clip["weights_sha256"] = file_sha256(weights)
             extra["clip"] = json.dumps(clip)

@@ -13,7 +13,6 @@ stand-ins, never the classes they name.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import logging
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from model.atomic import save_safetensors
+from model.atomic import file_sha256, save_safetensors
 from model.checkpoint import CheckpointError, load_strict
 from model.gen1 import Gen1
 
@@ -36,15 +35,6 @@ FORMAT = "gen1-release/1"
 EMA_MODULE = "ema."  # the EMA copy and its update count
 EMA_PREFIX = "ema.model."
 UNET_PREFIX = "unet."
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _find_target(value: Any, where: str = "config") -> str | None:
