@@ -2,10 +2,10 @@
 ``python eval.py [mode=compare|sweep] [checkpoint=FILE] [key=value ...]``.
 
 Composes ``configs/eval.yaml``. Clips come from ``SyntheticWorldDataset(split="test")``, with
-exact depth, flow and surface ids. ``compare`` edits each clip three ways: the video model
-(guidance ``w_t``, one noise draw for the clip), and frame by frame with the image model
-(each frame a 1-frame clip, so the temporal layers never run: Gen-1's ``mu^pi``) from
-independent noise per frame, or from one shared noise for every frame (the "mov2mov" habit).
+exact depth, flow and surface ids. ``compare`` edits each clip four ways: with the video model
+(guidance ``w_t``, all frames in one sampling run) and frame by frame with the image model
+(each frame a 1-frame clip, so the temporal layers never run: Gen-1's ``mu^pi``), each from
+independent noise per frame or from one shared noise for every frame (the "mov2mov" habit).
 ``sweep`` edits with the video model over ``w_t`` and over ``t_s``. Each output is scored
 with ``model.metrics``; markdown tables, per-clip JSON and (sweep) PNG plots are written
 atomically under ``output_dir``. A bad setting or a missing checkpoint is one line on stderr
@@ -36,6 +36,7 @@ from model.editing import (
     check_settings,
     edit_video,
     image_content,
+    settings_from_config,
     temporal_frame_limit,
     text_content,
     video_depth,
@@ -53,7 +54,8 @@ from model.prior import evaluate_prior, load_prior, prior_function
 from model.release import load_gen1
 
 SETTINGS = {
-    "video": "video model (w_t={w_t}, one noise draw)",
+    "video": "video model (w_t={w_t}, noise per frame)",
+    "video_shared": "video model (w_t={w_t}, one shared noise)",
     "frames_independent": "frame by frame, image model, independent noise",
     "frames_shared": "frame by frame, image model, one shared noise",
 }
@@ -107,20 +109,9 @@ def check_config(cfg: DictConfig) -> None:
         raise EvalError(str(err)) from err
 
 
-def edit_settings(cfg: DictConfig, w_t: float, t_s: int) -> EditSettings:
+def edit_settings(cfg: DictConfig, w_t: float, t_s: int, **overrides) -> EditSettings:
     """The sampling settings of the config at temporal guidance ``w_t`` and fidelity ``t_s``."""
-    return EditSettings(
-        steps=cfg.steps,
-        sampler=cfg.sampler,
-        schedule=cfg.schedule,
-        t_s=int(t_s),
-        w=cfg.w,
-        w_t=float(w_t),
-        eta=cfg.eta,
-        window_length=cfg.window.length,
-        window_overlap=cfg.window.overlap,
-        chunk_size=cfg.chunk_size,
-    )
+    return settings_from_config(cfg, w_t=float(w_t), t_s=int(t_s), **overrides)
 
 
 def load_model(cfg: DictConfig, device: torch.device):
@@ -234,9 +225,11 @@ class Editor:
         )
         return result.frames[0]
 
-    def video(self, w_t: float, t_s: int) -> torch.Tensor:
-        """The whole clip through the video model: one noise draw for all frames."""
-        settings = edit_settings(self.cfg, w_t, t_s)
+    def video(self, w_t: float, t_s: int, noise_correlation: float | None = None) -> torch.Tensor:
+        """The whole clip through the video model in one sampling run; its frames' noise
+        correlates by ``noise_correlation`` (None: the config's; 1: one noise for all)."""
+        extra = {} if noise_correlation is None else {"noise_correlation": noise_correlation}
+        settings = edit_settings(self.cfg, w_t, t_s, **extra)
         return self._edit(self.clip.frames, self.depth, settings, self.seed)
 
     def frame_by_frame(self, t_s: int, shared_noise: bool) -> torch.Tensor:
@@ -340,7 +333,7 @@ def clip_record(clip: WorldClip) -> dict:
 
 
 def run_compare(cfg: DictConfig, gen1, estimator, clips: list[WorldClip]) -> dict:
-    """Scores of the input and of the three settings on every clip, and their means."""
+    """Scores of the input and of the four settings on every clip, and their means."""
     records, per_clip = [], []
     labels = {k: v.format(w_t=cfg.w_t) for k, v in SETTINGS.items()}
     for clip in tqdm(clips, desc="compare", disable=not cfg.progress):
@@ -348,6 +341,7 @@ def run_compare(cfg: DictConfig, gen1, estimator, clips: list[WorldClip]) -> dic
         score = Scorer(cfg, gen1, estimator, clip, editor.midas_depth)
         outputs = {
             "video": lambda e=editor: e.video(cfg.w_t, cfg.t_s),
+            "video_shared": lambda e=editor: e.video(cfg.w_t, cfg.t_s, noise_correlation=1.0),
             "frames_independent": lambda e=editor: e.frame_by_frame(cfg.t_s, shared_noise=False),
             "frames_shared": lambda e=editor: e.frame_by_frame(cfg.t_s, shared_noise=True),
         }

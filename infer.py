@@ -46,6 +46,7 @@ from model.editing import (
     check_settings,
     edit_video,
     image_content,
+    settings_from_config,
     temporal_frame_limit,
     text_content,
 )
@@ -140,20 +141,7 @@ def check_request(cfg: DictConfig) -> None:
 
 def edit_settings(cfg: DictConfig) -> EditSettings:
     """The sampling settings of the config."""
-    return EditSettings(
-        steps=cfg.steps,
-        sampler=cfg.sampler,
-        schedule=cfg.schedule,
-        t_s=cfg.t_s,
-        w=cfg.w,
-        w_t=cfg.w_t,
-        strength=cfg.strength,
-        eta=cfg.eta,
-        window_length=cfg.window.length,
-        window_overlap=cfg.window.overlap,
-        chunk_size=cfg.chunk_size,
-        keep_unmasked_pixels=cfg.keep_unmasked_pixels,
-    )
+    return settings_from_config(cfg)
 
 
 def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,24 @@ class EditSettings:
     w: float = 7.5
     w_t: float = 1.0
     strength: float = 1.0
+    noise_correlation: float = 0.0  # share of the initial noise common to all frames (0..1)
     eta: float | None = None  # stochastic samplers only; None keeps the sampler's default
     window_length: int = 8
     window_overlap: int = 2
     chunk_size: int = 8  # frames per VAE / depth call
     keep_unmasked_pixels: bool = True  # paste source pixels outside the mask after decoding
+
+
+def settings_from_config(config: Mapping, **overrides) -> EditSettings:
+    """The :class:`EditSettings` of an ``infer.py`` / ``eval.py`` config: its keys named as the
+    fields, ``window.length`` / ``window.overlap``, then ``overrides``; absent keys keep the
+    defaults."""
+    values = {f.name: config[f.name] for f in fields(EditSettings) if f.name in config}
+    window = config.get("window") or {}
+    for key in ("length", "overlap"):
+        if key in window:
+            values[f"window_{key}"] = window[key]
+    return EditSettings(**{**values, **overrides})
 
 
 @dataclass
@@ -148,6 +161,20 @@ def decode_latents(vae, latents: torch.Tensor, chunk_size: int, progress: bool =
     return torch.cat([vae.decode(latents[:, s]).float().clamp(-1, 1).cpu() for s in bar], dim=1)
 
 
+def frame_noise(
+    shape: tuple[int, ...], correlation: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Unit Gaussian noise ``(B, F, C, h, w)`` whose frames correlate by ``correlation``:
+    each frame is sqrt(c) times one draw common to the clip plus sqrt(1 - c) times its own
+    (PYoCo's mixed noise prior). 0 gives independent frames (the same draw as before this
+    option existed), 1 the same noise for every frame; every frame stays N(0, I)."""
+    noise = torch.randn(shape, generator=generator)
+    if correlation > 0.0:
+        common = torch.randn(shape[:1] + (1,) + tuple(shape[2:]), generator=generator)
+        noise = (1.0 - correlation) ** 0.5 * noise + correlation**0.5 * common
+    return noise
+
+
 def _sampler_kwargs(sampler: Callable, eta: float | None, generator) -> dict:
     params = inspect.signature(sampler).parameters
     kwargs = {"generator": generator} if "generator" in params else {}
@@ -166,6 +193,8 @@ def check_settings(settings: EditSettings, max_frames: int | None = None) -> Non
         raise ValueError(f"t_s must be >= 0, got {settings.t_s}")
     if not 0.0 <= settings.strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
+    if not 0.0 <= settings.noise_correlation <= 1.0:
+        raise ValueError(f"noise_correlation must be in [0, 1], got {settings.noise_correlation}")
     if settings.chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {settings.chunk_size}")
     window_slices(1, settings.window_length, settings.window_overlap)
@@ -215,8 +244,8 @@ def edit_video(
             structure = gen1.structure(None, size, settings.t_s, depth=depth.float()).to(device)
         sampler, schedule_name = resolve_sampler(settings.sampler, settings.schedule)
         sigmas = get_sigmas(schedule_name, settings.steps, gen1.schedule, device=device)
-        noise = torch.randn(batch, num_frames, gen1.unet.out_channels, *size, generator=generator)
-        noise = noise.to(device)
+        shape = (batch, num_frames, gen1.unet.out_channels, *size)
+        noise = frame_noise(shape, settings.noise_correlation, generator).to(device)
         source, small_mask = None, None
         if settings.strength < 1.0 or mask is not None:
             source = encode_frames(gen1.vae, frames, settings.chunk_size, device)

@@ -12,7 +12,9 @@ from model.editing import (
     decode_latents,
     edit_video,
     encode_frames,
+    frame_noise,
     image_content,
+    settings_from_config,
     text_content,
     video_depth,
 )
@@ -183,6 +185,38 @@ def test_seed_reproduces_an_edit_and_another_seed_changes_it(gen1):
     assert torch.equal(a, b)
     assert not torch.allclose(a, c, atol=1e-3)
     assert a.min() >= -1 and a.max() <= 1
+
+
+def test_frame_noise_correlates_frames_by_the_share_asked_for():
+    shape = (2, 3, 4, 32, 32)
+    independent = frame_noise(shape, 0.0, torch.Generator().manual_seed(3))
+    assert torch.equal(independent, torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    shared = frame_noise(shape, 1.0, torch.Generator().manual_seed(3))
+    assert torch.allclose(shared, shared[:, :1].expand(shape))
+    assert not torch.allclose(shared[0], shared[1])  # each clip of the batch its own draw
+    mixed = frame_noise((1, 2, 4, 256, 256), 0.5, torch.Generator().manual_seed(3))
+    a, b = mixed[0, 0].flatten(), mixed[0, 1].flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] == pytest.approx(0.5, abs=0.02)
+    assert a.std() == pytest.approx(1.0, abs=0.02)  # each frame stays unit Gaussian
+
+
+def test_noise_correlation_one_edits_a_still_clip_to_equal_frames(gen1):
+    frames, depth = video(1)
+    still_frames, still_depth = frames.expand(1, 4, -1, -1, -1), depth.expand(1, 4, -1, -1, -1)
+    out = run(gen1, still_frames, still_depth, noise_correlation=1.0).frames[0]
+    assert torch.allclose(out, out[:1].expand_as(out), atol=1e-5)
+    out = run(gen1, still_frames, still_depth).frames[0]  # independent noise: frames differ
+    assert (out[1:] - out[:1]).abs().amax() > 1e-2
+    with pytest.raises(ValueError, match="noise_correlation must be in"):
+        run(gen1, frames, depth, noise_correlation=1.5)
+
+
+def test_settings_from_config_reads_flat_keys_and_the_window():
+    config = {"steps": 7, "w_t": 1.5, "window": {"length": 6, "overlap": 3}, "device": "cpu"}
+    settings = settings_from_config(config, w_t=2.0)
+    assert (settings.steps, settings.w_t) == (7, 2.0)  # the override wins
+    assert (settings.window_length, settings.window_overlap) == (6, 3)
+    assert settings.strength == EditSettings().strength  # absent keys keep the default
 
 
 def test_strength_zero_returns_the_source_through_the_vae(gen1):

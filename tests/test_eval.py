@@ -53,7 +53,7 @@ def finite_scores(scores: dict) -> bool:
     return all(math.isfinite(v) for v in scores.values())
 
 
-def test_compare_writes_table_and_per_clip_json_for_the_three_settings(release, tmp_path, capsys):
+def test_compare_writes_table_and_per_clip_json_for_the_four_settings(release, tmp_path, capsys):
     out = tmp_path / "eval"
     cfg = config(f"checkpoint={release}", f"output_dir={out}", *FAST)
     assert eval_cli.cli(cfg) == 0
@@ -64,6 +64,7 @@ def test_compare_writes_table_and_per_clip_json_for_the_three_settings(release, 
     assert "| setting | frame consistency | warp error | structure fidelity |" in printed
     assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md"]
     assert (out / "compare.md").read_text().count("| frame by frame") == 2
+    assert (out / "compare.md").read_text().count("| video model") == 2
     report = json.loads((out / "compare.json").read_text())
     assert report["settings"]["num_clips"] == 2 and report["checkpoint"]["sha256"]
     assert len(report["clips"]) == 2
@@ -94,6 +95,8 @@ def test_frame_by_frame_noise_is_shared_or_independent_as_named(release):
     assert (independent[1:] - independent[:1]).abs().amax() > 1e-2  # seeds differ per frame
     video = editor.video(w_t=1.0, t_s=3)
     assert video.shape == (4, 3, 64, 64) and not torch.allclose(video, shared, atol=1e-3)
+    video_shared = editor.video(w_t=1.0, t_s=3, noise_correlation=1.0)
+    assert not torch.allclose(video_shared, video, atol=1e-3)  # the setting reaches the sampler
 
 
 def test_sweep_writes_tables_and_two_plots(release, tmp_path):
