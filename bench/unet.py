@@ -1,9 +1,11 @@
 """Forward time and peak memory of our UNet vs diffusers' UNet2DConditionModel.
 
 Same weights (a random SD-layout state dict converted with diffusers' own converter),
-same input, fp32, inference mode. Each measurement runs in a fresh process so CPU peak
-memory is live tensor memory; CPU time is the process's CPU time on one thread (wall
-time on a shared 2-core machine swings more than the differences measured).
+same input, fp32, inference mode; on the CPU also both with their weights prepacked for
+oneDNN (``model.prepack``, what ``infer.py`` does on the CPU). Each measurement runs in a
+fresh process so CPU peak memory is live tensor memory; CPU time is the process's CPU
+time on one thread (wall time on a shared 2-core machine swings more than the
+differences measured).
 
     python bench/unet.py [--sizes tiny sd15] [--iters 3]
 """
@@ -11,6 +13,7 @@ time on a shared 2-core machine swings more than the differences measured).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -29,6 +32,7 @@ from bench.common import (  # noqa: E402
     run_worker,
     time_call,
 )
+from model.prepack import prepacked_weights  # noqa: E402
 from model.unet import UNet  # noqa: E402
 from tests.sd_layout import config  # noqa: E402
 
@@ -36,7 +40,7 @@ from tests.sd_layout import config  # noqa: E402
 SIZES = {"tiny": ("tiny", 2, 32), "sd15": ("sd15", 2, 32)}
 
 
-def build(impl: str, size: str, device: str, channels_last: bool):
+def build(impl: str, size: str, device: str):
     """The UNet of ``impl`` ('ours' | 'diffusers') with shared random weights, and its call."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -52,7 +56,6 @@ def build(impl: str, size: str, device: str, channels_last: bool):
     x = torch.randn(batch, params["in_channels"], side, side, generator=gen)
     t = torch.tensor([500] * batch)
     context = torch.randn(batch, 77, params["context_dim"], generator=gen)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if impl == "ours":
         model = ours
         call = lambda m, x: m(x, t.to(device), context.to(device))  # noqa: E731
@@ -73,19 +76,20 @@ def build(impl: str, size: str, device: str, channels_last: bool):
         del ldm
         call = lambda m, x: m(x, t.to(device), encoder_hidden_states=context.to(device)).sample  # noqa: E731
     del ours
-    model = model.to(device, memory_format=memory_format).eval()
-    x = x.to(device).contiguous(memory_format=memory_format)
+    model = model.to(device).eval()
+    x = x.to(device)
     return model, lambda: call(model, x)
 
 
-def worker(impl: str, size: str, device: str, channels_last: bool, iters: int) -> dict:
+def worker(impl: str, size: str, device: str, prepacked: bool, iters: int) -> dict:
     clock = time.perf_counter
     if device == "cpu":
         torch.set_num_threads(1)  # CPU time on one thread repeats on a shared machine
         clock = time.process_time
         map_large_buffers_separately()  # so peak RSS follows live tensor memory
-    model, fn = build(impl, size, device, channels_last)
-    with torch.inference_mode():
+    model, fn = build(impl, size, device)
+    packing = prepacked_weights(model) if prepacked else contextlib.nullcontext()
+    with torch.inference_mode(), packing:
         memory = peak_memory_mib(fn, device, warmup=1)
         reuse_heap()
         seconds = time_call(fn, device, warmup=1, iters=iters, clock=clock)
@@ -96,24 +100,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--worker", nargs=5, metavar=("IMPL", "SIZE", "DEVICE", "CL", "ITERS"))
+    parser.add_argument("--worker", nargs=5, metavar=("IMPL", "SIZE", "DEVICE", "PACK", "ITERS"))
     args = parser.parse_args()
     if args.worker:
-        impl, size, device, cl, iters = args.worker
-        print(json.dumps(worker(impl, size, device, cl == "1", int(iters))))
+        impl, size, device, pack, iters = args.worker
+        print(json.dumps(worker(impl, size, device, pack == "1", int(iters))))
         return
     rows = []
     for device in devices():
         for size in args.sizes:
             base = None
-            for impl, cl in (("diffusers", "0"), ("ours", "0"), ("ours", "1")):
-                r = run_worker(__file__, [impl, size, device, cl, str(args.iters)])
+            variants = [("diffusers", "0"), ("ours", "0")]
+            if device == "cpu":  # prepacking is for the CPU
+                variants += [("ours", "1"), ("diffusers", "1")]
+            for impl, pack in variants:
+                r = run_worker(__file__, [impl, size, device, pack, str(args.iters)])
                 base = base or r
                 rows.append(
                     {
                         "device": device,
                         "size": size,
-                        "impl": impl + (" channels-last" if cl == "1" else ""),
+                        "impl": impl + (" prepacked" if pack == "1" else ""),
                         "forward s": f"{r['time_s']:.3f}",
                         "x diffusers": f"{r['time_s'] / base['time_s']:.2f}",
                         "peak MiB": f"{r['peak_mib']:.0f}",

@@ -15,6 +15,10 @@ from torch import nn
 class Attention(nn.Module):
     """Multi-head attention of ``x`` over ``context`` (itself when ``context`` is None)."""
 
+    # Self-attention's q, k and v in one matrix product of the concatenated weights (faster
+    # with plain weights; ``model.prepack`` turns it off, prepacked weights being separate).
+    fuse_qkv = True
+
     def __init__(
         self,
         query_dim: int,
@@ -33,10 +37,11 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if context is None:  # self-attention: one matrix product for q, k and v
+        if context is None and self.fuse_qkv:
             weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
             q, k, v = F.linear(x, weight).chunk(3, dim=-1)
         else:
+            context = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         out = multi_head_attention(q, k, v, self.heads)
         return self.to_out(out)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from model.guidance import Gen1Guidance, sample
+from model.prepack import prepacked_weights
 from model.samplers import DiscreteDenoiser, get_sigmas, resolve_sampler
 from model.structure import normalize_clip
 from model.temporal import TemporalAttention
@@ -44,6 +45,7 @@ class EditSettings:
     window_overlap: int = 2
     chunk_size: int = 8  # frames per VAE / depth call
     keep_unmasked_pixels: bool = True  # paste source pixels outside the mask after decoding
+    prepack: bool = True  # fp32 on the CPU: weights prepacked for oneDNN (model.prepack)
 
 
 def settings_from_config(config: Mapping, **overrides) -> EditSettings:
@@ -109,6 +111,16 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def inference_weights(settings: EditSettings, dtype: torch.dtype | None, *networks):
+    """A context in which the networks an edit runs hold weights prepacked for oneDNN, when
+    ``settings.prepack`` and they run in fp32 on the CPU (elsewhere a no-op)."""
+    stack = contextlib.ExitStack()
+    if settings.prepack and dtype is None:
+        for net in {id(n): n for n in networks if n is not None}.values():
+            stack.enter_context(prepacked_weights(net))
+    return stack
 
 
 def temporal_frame_limit(unet: torch.nn.Module) -> int | None:
@@ -236,7 +248,11 @@ def edit_video(
     if height % factor or width % factor:
         raise ValueError(f"frame size {height}x{width} is not a multiple of the VAE's {factor}")
     size = (height // factor, width // factor)
-    with autocast(device, autocast_dtype):
+    networks = [gen1.denoiser_model(use_ema=True), gen1.vae]
+    if gen1.structure_channels and depth is None:
+        networks.append(depth_estimator if depth_estimator is not None else gen1.depth)
+    prepacked = inference_weights(settings, autocast_dtype, *networks)
+    with autocast(device, autocast_dtype), prepacked:
         if gen1.structure_channels and depth is None:
             depth = video_depth(gen1, frames, depth_estimator, settings.chunk_size)
         structure = None

@@ -211,6 +211,14 @@ def test_noise_correlation_one_edits_a_still_clip_to_equal_frames(gen1):
         run(gen1, frames, depth, noise_correlation=1.5)
 
 
+def test_prepacked_cpu_edit_matches_the_plain_one(temporal_gen1):
+    frames, depth = video(4)
+    packed = run(temporal_gen1, frames, depth).frames  # prepack is the default on the CPU
+    plain = run(temporal_gen1, frames, depth, prepack=False).frames
+    torch.testing.assert_close(packed, plain, rtol=0, atol=1e-4)
+    assert (plain[:, 1:] - plain[:, :1]).abs().amax() > 1e-2  # a real edit, not a constant
+
+
 def test_settings_from_config_reads_flat_keys_and_the_window():
     config = {"steps": 7, "w_t": 1.5, "window": {"length": 6, "overlap": 3}, "device": "cpu"}
     settings = settings_from_config(config, w_t=2.0)
