@@ -50,7 +50,8 @@ from model.metrics import (
     structure_fidelity,
     warp_error,
 )
-from model.prior import evaluate_prior, load_prior, prior_function
+from model.prior import load_prior, prior_function
+from model.prior_training import evaluate_prior
 from model.release import load_gen1
 
 SETTINGS = {
@@ -96,7 +97,7 @@ def check_config(cfg: DictConfig) -> None:
         raise EvalError("content=prompt needs prompt=TEXT (or prompt=caption)")
     if cfg.mode == "prompts" and not Path(str(cfg.prior)).is_file():
         raise EvalError(
-            f"mode=prompts needs prior=FILE (a model.prior export); not found: {cfg.prior}"
+            f"mode=prompts needs prior=FILE (a model.prior_training export); not found: {cfg.prior}"
         )
     if cfg.mode == "sweep" and not (cfg.sweep.w_t and cfg.sweep.t_s):
         raise EvalError("sweep.w_t and sweep.t_s must each list at least one value")

@@ -125,8 +125,8 @@ def check_request(cfg: DictConfig) -> None:
         if cfg.prompt_mode == "prior" and cfg.prior is None:
             raise InferError(
                 "prompt=... with prompt_mode=prior needs a text-to-image-embedding prior, and "
-                "none is configured: set prior=FILE (python -m model.prior export), use "
-                "reference=IMAGE, or prompt_mode=direct for the CLIP text embedding as is"
+                "none is configured: set prior=FILE (python -m model.prior_training export), "
+                "use reference=IMAGE, or prompt_mode=direct for the CLIP text embedding as is"
             )
         if cfg.prompt_mode == "prior" and not Path(cfg.prior).is_file():
             raise InferError(f"prior={cfg.prior}: no such prior file")

@@ -23,7 +23,7 @@ COMPONENTS = {
     "vae": ("model.tiny_trainers", "VAETrainer"),
     "depth": ("model.tiny_trainers", "DepthTrainer"),
     "clip": ("model.tiny_trainers", "ClipTrainer"),
-    "prior": ("model.prior", "PriorTrainer"),
+    "prior": ("model.prior_training", "PriorTrainer"),
 }
 
 

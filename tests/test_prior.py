@@ -20,14 +20,8 @@ from data.synthetic import SyntheticWorldDataset
 from model.checkpoint import CheckpointError
 from model.clip import load_clip
 from model.editing import text_content
-from model.prior import (
-    Prior,
-    evaluate_prior,
-    export_prior,
-    load_prior,
-    main,
-    prior_function,
-)
+from model.prior import Prior, export_prior, load_prior, prior_function
+from model.prior_training import evaluate_prior, main
 from tests.sd_layout import ROOT
 from train import train
 
