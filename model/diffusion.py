@@ -168,6 +168,20 @@ def sample_noise(
     return noise.to(x0.device)
 
 
+def correlate_frames(
+    noise: torch.Tensor, correlation: float | torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Video noise ``(B, F, C, H, W)`` whose frames correlate by ``correlation`` (a number, or
+    one per sample ``(B,)``): sqrt(1 - c) times ``noise`` plus sqrt(c) times one draw shared by
+    a sample's frames (PYoCo's mixed noise prior). Each frame stays unit Gaussian."""
+    device = generator.device if generator is not None else noise.device
+    shape = (noise.shape[0], 1, *noise.shape[2:])
+    common = torch.randn(shape, generator=generator, device=device, dtype=noise.dtype)
+    c = torch.as_tensor(correlation, dtype=noise.dtype, device=noise.device)
+    c = c.reshape(-1, *[1] * (noise.ndim - 1)) if c.ndim else c
+    return (1 - c).sqrt() * noise + c.sqrt() * common.to(noise.device)
+
+
 class TrainingLoss(NamedTuple):
     """The scalar loss, the per-sample (weighted) losses and the timesteps drawn."""
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from model.diffusion import correlate_frames
 from model.guidance import Gen1Guidance, sample
 from model.prepack import prepacked_weights
 from model.samplers import DiscreteDenoiser, get_sigmas, resolve_sampler
@@ -176,15 +177,11 @@ def decode_latents(vae, latents: torch.Tensor, chunk_size: int, progress: bool =
 def frame_noise(
     shape: tuple[int, ...], correlation: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Unit Gaussian noise ``(B, F, C, h, w)`` whose frames correlate by ``correlation``:
-    each frame is sqrt(c) times one draw common to the clip plus sqrt(1 - c) times its own
-    (PYoCo's mixed noise prior). 0 gives independent frames (the same draw as before this
-    option existed), 1 the same noise for every frame; every frame stays N(0, I)."""
+    """Unit Gaussian noise ``(B, F, C, h, w)`` whose frames correlate by ``correlation``
+    (``model.diffusion.correlate_frames``): 0 gives independent frames (the same draw as
+    before this option existed), 1 the same noise for every frame."""
     noise = torch.randn(shape, generator=generator)
-    if correlation > 0.0:
-        common = torch.randn(shape[:1] + (1,) + tuple(shape[2:]), generator=generator)
-        noise = (1.0 - correlation) ** 0.5 * noise + correlation**0.5 * common
-    return noise
+    return correlate_frames(noise, correlation, generator) if correlation > 0.0 else noise
 
 
 def _sampler_kwargs(sampler: Callable, eta: float | None, generator) -> dict:

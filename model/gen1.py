@@ -22,7 +22,7 @@ from model.autoencoder import AutoencoderKL
 from model.checkpoint import NEW_UNET_KEYS, LoadReport, load_sd_unet, load_sd_vae, load_strict
 from model.clip import build_clip, load_clip
 from model.depth import DepthEstimator, build_midas, load_midas
-from model.diffusion import DiscreteSchedule, training_loss
+from model.diffusion import DiscreteSchedule, correlate_frames, sample_noise, training_loss
 from model.editing import EditSettings, edit_video
 from model.ema import EMA
 from model.structure import clip_structure
@@ -107,6 +107,7 @@ class Gen1(pl.LightningModule):
         ema_decay: float | None = 0.9999,
         min_snr_gamma: float | None = None,
         offset_noise: float = 0.0,
+        noise_correlation: float = 0.0,
         sampling: dict | None = None,
         seed: int = 0,
     ) -> None:
@@ -246,12 +247,18 @@ class Gen1(pl.LightningModule):
     def loss(self, batch: dict[str, Any], unet: nn.Module, gen: torch.Generator):
         """The diffusion loss of a batch, all randomness drawn from ``gen``."""
         latents, cond = self.conditioning(batch, gen)
+        noise, top = None, self.hparams.noise_correlation
+        if top > 0 and latents.shape[1] > 1:  # clips: frames' noise correlation c ~ U(0, top)
+            noise = sample_noise(latents, self.hparams.offset_noise, gen)
+            c = torch.rand(latents.shape[0], generator=gen, device=gen.device) * top
+            noise = correlate_frames(noise, c.to(noise.device), gen)
         result = training_loss(
             self.model_fn(unet),
             latents,
             self.schedule,
             self.hparams.parameterization,
             cond,
+            noise=noise,
             min_snr_gamma=self.hparams.min_snr_gamma,
             offset_noise=self.hparams.offset_noise,
             generator=gen,

@@ -9,6 +9,7 @@ from diffusers import DDPMScheduler
 
 from model.diffusion import (
     DiscreteSchedule,
+    correlate_frames,
     get_scalings,
     min_snr_weight,
     sample_noise,
@@ -159,6 +160,18 @@ def test_offset_noise_is_a_per_sample_channel_shift():
     torch.testing.assert_close(shift, shift[:, :1, :, :1, :1].expand_as(shift))
     assert shift[0, 0, :, 0, 0].unique().numel() == 4
     assert sample_noise(torch.zeros(2, 4, 8, 8), 0.1).shape == (2, 4, 8, 8)
+
+
+def test_correlate_frames_mixes_in_a_draw_shared_by_each_sample():
+    noise = torch.randn(3, 4, 2, 64, 64, generator=torch.Generator().manual_seed(0))
+    c = torch.tensor([0.0, 0.5, 1.0])
+    mixed = correlate_frames(noise, c, torch.Generator().manual_seed(1))
+    assert torch.equal(mixed[0], noise[0])  # c = 0: untouched
+    torch.testing.assert_close(mixed[2], mixed[2, :1].expand_as(mixed[2]))  # c = 1: one draw
+    frames = mixed[1].flatten(1)
+    corr = torch.corrcoef(frames)[0, 1:]
+    torch.testing.assert_close(corr, torch.full((3,), 0.5), atol=0.03, rtol=0)
+    assert frames.std(dim=1).sub(1).abs().max() < 0.03  # every frame stays unit Gaussian
 
 
 def test_loss_reproducible_from_generator_and_checks_input():

@@ -13,6 +13,7 @@ from data.datamodule import collate_samples
 from data.encoded import EncodedClipDataset
 from data.synthetic import SyntheticWorldDataset
 from model.clip import build_clip
+from model.diffusion import training_loss
 from model.gen1 import Gen1
 from tests.sd_layout import ROOT
 
@@ -120,3 +121,30 @@ def test_training_on_the_cache_equals_training_on_the_clips(model_config, tmp_pa
         for batch in (batch_cached, batch_frames)
     ]
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+
+
+def test_noise_correlation_trains_clips_on_correlated_frame_noise(
+    model_config, tmp_path, monkeypatch
+):
+    """Video batches get frame noise with a per-clip shared part; single frames are untouched."""
+    import model.gen1 as gen1_module
+
+    seen = []
+
+    def capture(model_fn, latents, *args, noise=None, **kwargs):
+        seen.append(noise)
+        return training_loss(model_fn, latents, *args, noise=noise, **kwargs)
+
+    monkeypatch.setattr(gen1_module, "training_loss", capture)
+    clips = dataset(model_config, tmp_path / "cache.safetensors")
+    params = {k: v for k, v in model_config.items() if k != "_target_"}
+    gen1 = Gen1(**{**params, "noise_correlation": 1.0})
+    gen1.loss(collate_samples([clips[0], clips[1]]), gen1.unet, torch.Generator().manual_seed(3))
+    noise = seen[-1]
+    assert noise is not None and noise.shape[1] > 1
+    for sample in noise:  # each clip's frames correlate (c ~ U(0, 1), not 0 and not 1)
+        corr = torch.corrcoef(sample.flatten(1))[0, 1:]
+        assert 0.2 < corr.mean() < 0.99  # seeded draws: c = 0.82 and 0.51 here
+    images = dataset(model_config, tmp_path / "cache.safetensors", single_frames=True)
+    gen1.loss(collate_samples([images[0], images[1]]), gen1.unet, torch.Generator().manual_seed(3))
+    assert seen[-1] is None  # one frame: nothing to correlate, the loss draws its own noise
