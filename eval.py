@@ -52,7 +52,7 @@ from model.metrics import (
 )
 from model.prior import load_prior, prior_function
 from model.prior_training import evaluate_prior
-from model.release import load_gen1
+from model.release import load_gen1, sampling_defaults
 
 SETTINGS = {
     "video": "video model (w_t={w_t}, noise per frame)",
@@ -111,8 +111,10 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def edit_settings(cfg: DictConfig, w_t: float, t_s: int, **overrides) -> EditSettings:
-    """The sampling settings of the config at temporal guidance ``w_t`` and fidelity ``t_s``."""
-    return settings_from_config(cfg, w_t=float(w_t), t_s=int(t_s), **overrides)
+    """The sampling settings of the config at temporal guidance ``w_t`` and fidelity ``t_s``
+    (an unresolved ``noise_correlation`` as 0)."""
+    base = {"noise_correlation": cfg.noise_correlation or 0.0}
+    return settings_from_config(cfg, **{**base, "w_t": float(w_t), "t_s": int(t_s), **overrides})
 
 
 def load_model(cfg: DictConfig, device: torch.device):
@@ -341,7 +343,7 @@ def run_compare(cfg: DictConfig, gen1, estimator, clips: list[WorldClip]) -> dic
         editor = Editor(cfg, gen1, estimator, clip)
         score = Scorer(cfg, gen1, estimator, clip, editor.midas_depth)
         outputs = {
-            "video": lambda e=editor: e.video(cfg.w_t, cfg.t_s),
+            "video": lambda e=editor: e.video(cfg.w_t, cfg.t_s, noise_correlation=0.0),
             "video_shared": lambda e=editor: e.video(cfg.w_t, cfg.t_s, noise_correlation=1.0),
             "frames_independent": lambda e=editor: e.frame_by_frame(cfg.t_s, shared_noise=False),
             "frames_shared": lambda e=editor: e.frame_by_frame(cfg.t_s, shared_noise=True),
@@ -463,6 +465,9 @@ def run(cfg: DictConfig) -> dict:
     the result (``table``, ``mean``, ``clips``, ``files``)."""
     started = time.perf_counter()
     check_config(cfg)
+    if cfg.noise_correlation is None:  # the checkpoint's sampling default, else 0
+        defaults = sampling_defaults(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else {}
+        cfg.noise_correlation = float(defaults.get("noise_correlation", 0.0))
     gen1, estimator = load_model(cfg, _device(cfg))
     clips = list(world_clips(cfg))
     try:

@@ -52,7 +52,7 @@ from model.editing import (
 )
 from model.gen1 import build_depth
 from model.prior import load_prior, prior_function
-from model.release import is_release, load_gen1, native_resolution
+from model.release import is_release, load_gen1, native_resolution, sampling_defaults
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
@@ -140,8 +140,15 @@ def check_request(cfg: DictConfig) -> None:
 
 
 def edit_settings(cfg: DictConfig) -> EditSettings:
-    """The sampling settings of the config."""
-    return settings_from_config(cfg)
+    """The sampling settings of the config (an unresolved ``noise_correlation`` as 0)."""
+    return settings_from_config(cfg, noise_correlation=cfg.noise_correlation or 0.0)
+
+
+def resolve_checkpoint_defaults(cfg: DictConfig) -> None:
+    """Settings left null take the checkpoint's own ``sampling`` defaults (else the stock)."""
+    if cfg.noise_correlation is None and Path(cfg.checkpoint).is_file():
+        defaults = sampling_defaults(cfg.checkpoint)
+        cfg.noise_correlation = float(defaults.get("noise_correlation", 0.0))
 
 
 def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:
@@ -327,6 +334,7 @@ def describe(cfg: DictConfig, inputs: Inputs, result, seed: int, gen1, device, d
 def run(cfg: DictConfig) -> dict:
     """Edit ``cfg.input`` into ``cfg.output``; returns the sidecar dict plus ``result``."""
     clock = [time.perf_counter()]
+    resolve_checkpoint_defaults(cfg)
     inputs = read_inputs(cfg)
     clock.append(time.perf_counter())
     device, dtype = _device_and_dtype(cfg)

@@ -245,10 +245,14 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable release config ({err})") from err
 
 
+def sampling_defaults(path: str | Path) -> dict[str, Any]:
+    """The editing defaults a checkpoint carries (its config's ``sampling``)."""
+    return dict(read_model_config(path).get("sampling") or {})
+
+
 def native_resolution(path: str | Path, default: int = 512) -> int:
     """The longest frame side a checkpoint was trained at (its ``sampling.resolution``)."""
-    sampling = read_model_config(path).get("sampling") or {}
-    return int(sampling.get("resolution", default))
+    return int(sampling_defaults(path).get("resolution", default))
 
 
 def is_release(path: str | Path) -> bool:

@@ -110,9 +110,10 @@ def test_cli_edits_a_video_three_windows_long_with_audio_preview_and_sidecar(fil
 
 def test_without_content_or_resolution_the_defaults_apply(files, tmp_path):
     """No content given: the default reference; resolution=native: the size the checkpoint
-    was trained at (here a release saying 32), resolution=source: the input's (64x48)."""
+    was trained at (here a release saying 32), resolution=source: the input's (64x48);
+    noise_correlation=null: the checkpoint's (0.75 here), a number overrides it."""
     config_32, state = read_release(release_path(files, tmp_path))
-    config_32["sampling"] = {"resolution": 32}
+    config_32["sampling"] = {"resolution": 32, "noise_correlation": 0.75}
     write_release(config_32, state, tmp_path / "native32.safetensors")
     out = tmp_path / "default.mp4"
     fast = [a for a in FAST if not a.startswith(("resolution", "size_multiple"))]
@@ -122,8 +123,11 @@ def test_without_content_or_resolution_the_defaults_apply(files, tmp_path):
     outcome = infer.run(config(*args))
     assert outcome["settings"]["reference"] == str(files / "red.png")
     assert outcome["size"]["output"] == [24, 32]  # longest side 32, aspect kept
-    outcome = infer.run(config(*args, "resolution=source"))
+    assert outcome["edit"]["noise_correlation"] == 0.75
+    assert outcome["settings"]["noise_correlation"] == 0.75  # recorded resolved
+    outcome = infer.run(config(*args, "resolution=source", "noise_correlation=0.25"))
     assert outcome["size"]["output"] == [48, 64]
+    assert outcome["edit"]["noise_correlation"] == 0.25
 
 
 def release_path(files, tmp_path):
