@@ -1,11 +1,14 @@
 """Make a release file from a training checkpoint:
-``python release.py CHECKPOINT.ckpt OUT.safetensors [--no-ema] [--component NAME]``.
+``python release.py CHECKPOINT.ckpt OUT.safetensors [--no-ema] [--sampling KEY=VALUE ...]``
+or ``... --component NAME``.
 
 The release holds the EMA UNet (the trained weights with ``--no-ema``) and the frozen parts,
 in fp16, with the model's config as JSON metadata; ``infer.py checkpoint=OUT.safetensors``
-loads it. ``--component vae|depth|clip|prior`` instead exports the network a component
-trainer (``experiment=tiny_vae`` ...) trained, in the file format its loader reads. Prints
-the file's sha256. Exit status 1 with one line on stderr on failure.
+loads it. ``--sampling`` sets the editing defaults it carries (``resolution``,
+``noise_correlation``: what ``infer.py`` uses when they are left native or null).
+``--component vae|depth|clip|prior`` instead exports the network a component trainer
+(``experiment=tiny_vae`` ...) trained, in the file format its loader reads. Prints the
+file's sha256. Exit status 1 with one line on stderr on failure.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 from model.atomic import file_sha256
 from model.checkpoint import CheckpointError
 from model.release import release_from_checkpoint
+
+SAMPLING_KEYS = {"resolution": int, "noise_correlation": float}  # editing defaults, and types
 
 COMPONENTS = {
     "vae": ("model.tiny_trainers", "VAETrainer"),
@@ -41,6 +46,18 @@ def export_component(checkpoint: str, output: str, component: str) -> str:
     return file_sha256(output)
 
 
+def parse_sampling(pairs: list[str]) -> dict:
+    """``["noise_correlation=1.0", ...]`` -> ``{"noise_correlation": 1.0, ...}``."""
+    sampling = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or key not in SAMPLING_KEYS:
+            keys = ", ".join(SAMPLING_KEYS)
+            raise ValueError(f"--sampling takes KEY=VALUE, KEY one of {keys}; got {pair!r}")
+        sampling[key] = SAMPLING_KEYS[key](value)
+    return sampling
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, write the release, print its sha256; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="the release file to write (.safetensors)")
     parser.add_argument(
         "--no-ema", action="store_true", help="release the trained weights, not the EMA ones"
+    )
+    parser.add_argument(
+        "--sampling",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="editing defaults the release carries, e.g. noise_correlation=1.0",
     )
     parser.add_argument(
         "--component",
@@ -60,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     try:
+        sampling = parse_sampling(args.sampling)
         if args.component:
             digest = export_component(args.checkpoint, args.output, args.component)
         else:
-            digest = release_from_checkpoint(args.checkpoint, args.output, use_ema=not args.no_ema)
+            digest = release_from_checkpoint(
+                args.checkpoint, args.output, use_ema=not args.no_ema, sampling=sampling
+            )
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"release.py: error: {err}", file=sys.stderr)
         return 1

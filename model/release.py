@@ -213,14 +213,20 @@ def write_release(
 
 
 def release_from_checkpoint(
-    checkpoint: str | Path, output: str | Path, use_ema: bool = True
+    checkpoint: str | Path,
+    output: str | Path,
+    use_ema: bool = True,
+    sampling: dict[str, Any] | None = None,
 ) -> str:
-    """Training checkpoint -> release file (EMA UNet + frozen parts, fp16); returns sha256."""
+    """Training checkpoint -> release file (EMA UNet + frozen parts, fp16); returns sha256.
+    ``sampling`` adds to or replaces the editing defaults the release carries."""
     checkpoint, output = Path(checkpoint), Path(output)
     if output.resolve() == checkpoint.resolve():
         raise ValueError(f"the release would overwrite its checkpoint {checkpoint}")
     state, hparams = read_training_checkpoint(checkpoint)
     config = inference_config(hparams)
+    if sampling:
+        config["sampling"] = {**(config.get("sampling") or {}), **sampling}
     state = inference_state(state, use_ema, checkpoint)
     build_gen1(config, state, checkpoint)  # the release must rebuild: fail here, not later
     extra = {"source_checkpoint": checkpoint.name, "ema": str(use_ema).lower()}

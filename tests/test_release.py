@@ -22,6 +22,7 @@ from model.release import (
     read_release,
     read_training_checkpoint,
     release_from_checkpoint,
+    sampling_defaults,
 )
 from tests.sd_layout import ROOT
 from train import build_model
@@ -157,3 +158,14 @@ def test_release_cli_prints_the_sha256_of_what_it_wrote(checkpoint, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("release.py: error:") for line in err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.safetensors"]
+
+
+def test_release_cli_sets_the_editing_defaults_the_release_carries(checkpoint, tmp_path, capsys):
+    out = tmp_path / "defaults.safetensors"
+    args = [str(checkpoint), str(out), "--sampling", "noise_correlation=0.5"]
+    assert release_cli.main(args) == 0
+    defaults = sampling_defaults(out)
+    assert defaults["noise_correlation"] == 0.5
+    assert defaults["resolution"] == sampling_defaults(checkpoint)["resolution"]  # kept
+    assert release_cli.main([*args[:2], "--sampling", "steps=4"]) == 1
+    assert "KEY one of resolution, noise_correlation" in capsys.readouterr().err
