@@ -3,8 +3,9 @@
 Runs ``infer.py`` on each bundled sample clip (``bundle/tiny_world/samples/``, rendered from
 the world's test split, which training never saw): two edits take their content from a
 reference image (a frame of another held-out clip), one from a text prompt through the
-bundled prior. Writes the edited mp4s, side-by-side previews (input | depth | output) and
-JSON sidecars under ``outputs/demo/``.
+bundled prior. Writes the edited mp4s, side-by-side previews (input | depth | output), JSON
+sidecars and ``overview.png`` (inputs left, edits right, frames 0, 5, 10, 15) under
+``outputs/demo/``.
 
 ``python demo.py --write-samples`` re-renders the sample clips and reference images.
 """
@@ -62,6 +63,26 @@ def run_infer(*overrides: str) -> None:
     subprocess.run([sys.executable, "infer.py", *overrides], check=True)
 
 
+OVERVIEW_FRAMES = [0, 5, 10, 15]
+
+
+def write_overview(path: Path, scale: int = 2, gap: int = 8) -> None:
+    """One row per edit: the input's frames ``OVERVIEW_FRAMES`` left, the edit's right."""
+    from data.media import read_frames
+
+    rows = []
+    for name, _, _ in EDITS:
+        halves = []
+        for video in (SAMPLES / f"{name}.mp4", OUT / f"{name}.mp4"):
+            frames = read_frames(video, OVERVIEW_FRAMES, (64, 64))[0]  # (F, 3, H, W) in [-1, 1]
+            strip = ((frames.permute(2, 0, 3, 1) + 1) * 127.5).round().clamp(0, 255)
+            halves.append(strip.reshape(64, -1, 3).numpy().astype(np.uint8))
+        space = np.full((64, gap // scale, 3), 255, np.uint8)
+        rows.append(np.concatenate([halves[0], space, halves[1]], axis=1))
+    grid = np.concatenate(rows, axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
+    Image.fromarray(grid).save(path)
+
+
 def main() -> None:
     started = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -82,6 +103,7 @@ def main() -> None:
             f"demo: {name}: {sidecar['frames']['count']} frames edited in "
             f"{sidecar['timing']['edit_s']:.1f} s -> {OUT / name}.mp4, {OUT / name}.preview.mp4"
         )
+    write_overview(OUT / "overview.png")
     print(f"demo: done in {time.perf_counter() - started:.0f} s; outputs in {OUT}/")
 
 
