@@ -27,7 +27,7 @@ test: setup lint
 bench: setup
 	for script in bench/*.py; do $(PY) $$script || exit 1; done
 
-# Retrain the bundled tiny world model from scratch with train.py (about 2 h on 2 CPU
+# Retrain the bundled tiny world model from scratch with train.py (about 3 h on 2 CPU
 # cores; see bundle/tiny_world/CARD.md). Writes into bundle/tiny_world/ and outputs/tiny_world/.
 W := bundle/tiny_world
 R := outputs/tiny_world
@@ -40,6 +40,8 @@ tiny-world: setup
 	$(PY) release.py $(R)/clip/checkpoints/last.ckpt $(W)/clip_tiny.safetensors --component clip
 	$(PY) train.py experiment=tiny_world_image
 	$(PY) train.py experiment=tiny_world_video
-	$(PY) release.py $(R)/video/checkpoints/last.ckpt $(W)/gen1_tiny_world.safetensors
+	$(PY) train.py experiment=tiny_world_video_mixed
+	$(PY) release.py $(R)/video_mixed/checkpoints/last.ckpt $(W)/gen1_tiny_world.safetensors \
+		--sampling noise_correlation=1.0
 	$(PY) train.py experiment=tiny_prior hydra.run.dir=$(R)/prior
 	$(PY) release.py $(R)/prior/checkpoints/last.ckpt $(W)/prior_tiny.safetensors --component prior
