@@ -40,7 +40,9 @@ def _eligible(layer: nn.Module) -> bool:
             return False
     elif type(layer).forward is not nn.Linear.forward:
         return False
-    return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
+    weight = layer.weight
+    packed_already = weight.numel() == 0  # by an enclosing prepacked_weights
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and not packed_already
 
 
 def _read_directly(module: nn.Module) -> set[int]:

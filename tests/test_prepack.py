@@ -60,6 +60,18 @@ def test_weights_come_back_when_the_block_raises():
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
 
 
+def test_nested_contexts_pack_once_and_restore_once():
+    unet = random_unet("tiny")
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    inputs = unet_inputs("tiny")
+    with torch.no_grad(), prepacked_weights(unet) as outer:
+        with prepacked_weights(unet) as inner:
+            assert inner == 0 and outer > 0
+            unet(*inputs)
+        unet(*inputs)  # still packed after the inner block
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
 def test_prepacked_weights_refuse_training():
     layer = nn.Linear(8, 4)
     with prepacked_weights(layer):
