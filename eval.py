@@ -52,7 +52,7 @@ from model.metrics import (
 )
 from model.prior import load_prior, prior_function
 from model.prior_training import evaluate_prior
-from model.release import load_gen1, sampling_defaults
+from model.release import default_noise_correlation, load_gen1
 
 SETTINGS = {
     "video": "video model (w_t={w_t}, noise per frame)",
@@ -465,9 +465,8 @@ def run(cfg: DictConfig) -> dict:
     the result (``table``, ``mean``, ``clips``, ``files``)."""
     started = time.perf_counter()
     check_config(cfg)
-    if cfg.noise_correlation is None:  # the checkpoint's sampling default, else 0
-        defaults = sampling_defaults(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else {}
-        cfg.noise_correlation = float(defaults.get("noise_correlation", 0.0))
+    if cfg.noise_correlation is None and Path(cfg.checkpoint).is_file():
+        cfg.noise_correlation = default_noise_correlation(cfg.checkpoint)
     gen1, estimator = load_model(cfg, _device(cfg))
     clips = list(world_clips(cfg))
     try:

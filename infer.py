@@ -52,7 +52,7 @@ from model.editing import (
 )
 from model.gen1 import build_depth
 from model.prior import load_prior, prior_function
-from model.release import is_release, load_gen1, native_resolution, sampling_defaults
+from model.release import default_noise_correlation, is_release, load_gen1, native_resolution
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
@@ -147,8 +147,7 @@ def edit_settings(cfg: DictConfig) -> EditSettings:
 def resolve_checkpoint_defaults(cfg: DictConfig) -> None:
     """Settings left null take the checkpoint's own ``sampling`` defaults (else the stock)."""
     if cfg.noise_correlation is None and Path(cfg.checkpoint).is_file():
-        defaults = sampling_defaults(cfg.checkpoint)
-        cfg.noise_correlation = float(defaults.get("noise_correlation", 0.0))
+        cfg.noise_correlation = default_noise_correlation(cfg.checkpoint)
 
 
 def _device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:

@@ -178,8 +178,8 @@ def frame_noise(
     shape: tuple[int, ...], correlation: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Unit Gaussian noise ``(B, F, C, h, w)`` whose frames correlate by ``correlation``
-    (``model.diffusion.correlate_frames``): 0 gives independent frames (the same draw as
-    before this option existed), 1 the same noise for every frame."""
+    (``model.diffusion.correlate_frames``): 0 gives independent frames (exactly
+    ``torch.randn(shape)``, so seeds keep their edits), 1 the same noise for every frame."""
     noise = torch.randn(shape, generator=generator)
     return correlate_frames(noise, correlation, generator) if correlation > 0.0 else noise
 

@@ -251,14 +251,20 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable release config ({err})") from err
 
 
-def sampling_defaults(path: str | Path) -> dict[str, Any]:
-    """The editing defaults a checkpoint carries (its config's ``sampling``)."""
-    return dict(read_model_config(path).get("sampling") or {})
+def sampling_default(path: str | Path, key: str, default: Any) -> Any:
+    """An editing default a checkpoint carries (its config's ``sampling.KEY``), else
+    ``default``."""
+    return (read_model_config(path).get("sampling") or {}).get(key, default)
 
 
 def native_resolution(path: str | Path, default: int = 512) -> int:
     """The longest frame side a checkpoint was trained at (its ``sampling.resolution``)."""
-    return int(sampling_defaults(path).get("resolution", default))
+    return int(sampling_default(path, "resolution", default))
+
+
+def default_noise_correlation(path: str | Path) -> float:
+    """The frame-noise correlation a checkpoint samples with by default (0: independent)."""
+    return float(sampling_default(path, "noise_correlation", 0.0))
 
 
 def is_release(path: str | Path) -> bool:

@@ -18,11 +18,12 @@ from model.release import (
     CONFIG_KEY,
     FORMAT,
     FORMAT_KEY,
+    default_noise_correlation,
     load_gen1,
     read_release,
     read_training_checkpoint,
     release_from_checkpoint,
-    sampling_defaults,
+    sampling_default,
 )
 from tests.sd_layout import ROOT
 from train import build_model
@@ -164,8 +165,8 @@ def test_release_cli_sets_the_editing_defaults_the_release_carries(checkpoint, t
     out = tmp_path / "defaults.safetensors"
     args = [str(checkpoint), str(out), "--sampling", "noise_correlation=0.5"]
     assert release_cli.main(args) == 0
-    defaults = sampling_defaults(out)
-    assert defaults["noise_correlation"] == 0.5
-    assert defaults["resolution"] == sampling_defaults(checkpoint)["resolution"]  # kept
+    assert default_noise_correlation(out) == 0.5 and default_noise_correlation(checkpoint) == 0
+    resolution = sampling_default(checkpoint, "resolution", None)
+    assert resolution and sampling_default(out, "resolution", None) == resolution  # kept
     assert release_cli.main([*args[:2], "--sampling", "steps=4"]) == 1
     assert "KEY one of resolution, noise_correlation" in capsys.readouterr().err
