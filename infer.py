@@ -37,22 +37,21 @@ from data.media import (
     read_image,
     read_mask,
 )
-from model.atomic import atomic_output, file_sha256
-from model.checkpoint import CheckpointError
-from model.editing import (
+from model.editing.content import image_content, text_content
+from model.editing.pipeline import edit_video
+from model.editing.precision import autocast, cast_for_inference
+from model.editing.settings import (
     EditSettings,
-    autocast,
-    cast_for_inference,
     check_settings,
-    edit_video,
-    image_content,
     settings_from_config,
     temporal_frame_limit,
-    text_content,
 )
-from model.gen1 import build_depth
-from model.prior import load_prior, prior_function
-from model.release import default_noise_correlation, is_release, load_gen1, native_resolution
+from model.encoders.prior import load_prior, prior_function
+from model.training.gen1 import build_depth
+from model.training.loading import load_gen1
+from model.weights.atomic import atomic_output, file_sha256
+from model.weights.checkpoint import CheckpointError
+from model.weights.release import default_noise_correlation, is_release, native_resolution
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
@@ -125,7 +124,7 @@ def check_request(cfg: DictConfig) -> None:
         if cfg.prompt_mode == "prior" and cfg.prior is None:
             raise InferError(
                 "prompt=... with prompt_mode=prior needs a text-to-image-embedding prior, and "
-                "none is configured: set prior=FILE (python -m model.prior_training export), "
+                "none is configured: set prior=FILE (release.py CKPT OUT --component prior), "
                 "use reference=IMAGE, or prompt_mode=direct for the CLIP text embedding as is"
             )
         if cfg.prompt_mode == "prior" and not Path(cfg.prior).is_file():

@@ -18,17 +18,17 @@ import importlib
 import sys
 from pathlib import Path
 
-from model.atomic import file_sha256
-from model.checkpoint import CheckpointError
-from model.release import release_from_checkpoint
+from model.training.loading import release_from_checkpoint
+from model.weights.atomic import file_sha256
+from model.weights.checkpoint import CheckpointError
 
 SAMPLING_KEYS = {"resolution": int, "noise_correlation": float}  # editing defaults, and types
 
 COMPONENTS = {
-    "vae": ("model.tiny_trainers", "VAETrainer"),
-    "depth": ("model.tiny_trainers", "DepthTrainer"),
-    "clip": ("model.tiny_trainers", "ClipTrainer"),
-    "prior": ("model.prior_training", "PriorTrainer"),
+    "vae": ("model.training.components", "VAETrainer"),
+    "depth": ("model.training.components", "DepthTrainer"),
+    "clip": ("model.training.components", "ClipTrainer"),
+    "prior": ("model.training.prior_training", "PriorTrainer"),
 }
 
 

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.clip import build_clip, clip_config  # noqa: E402
-from model.depth import MIDAS_CONFIGS, DepthEstimator, build_midas  # noqa: E402
+from model.encoders.clip import build_clip, clip_config  # noqa: E402
+from model.encoders.depth import MIDAS_CONFIGS, DepthEstimator, build_midas  # noqa: E402
 
 DEPTH_MODELS = ["midas_tiny", "midas_v21_small_256", "dpt_hybrid_384", "dpt_large_384"]
 CLIP_MODELS = ["clip_tiny", "ViT-L-14-quickgelu", "ViT-H-14"]

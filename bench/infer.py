@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import devices, peak_memory_mib, print_table, run_worker, time_call  # noqa: E402
-from model.editing import EditSettings, edit_video  # noqa: E402
-from model.gen1 import build_depth  # noqa: E402
+from model.editing.pipeline import edit_video
+from model.editing.settings import EditSettings
+from model.training.gen1 import build_depth  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.diffusion import DiscreteSchedule, append_dims  # noqa: E402
-from model.samplers import get_sampler, get_sigmas  # noqa: E402
+from model.diffusion.samplers import get_sampler, get_sigmas  # noqa: E402
+from model.diffusion.schedule import DiscreteSchedule, append_dims  # noqa: E402
 
 STEPS = (10, 20, 50)
 SCHEDULE = DiscreteSchedule()

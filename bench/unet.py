@@ -2,7 +2,7 @@
 
 Same weights (a random SD-layout state dict converted with diffusers' own converter),
 same input, fp32, inference mode; on the CPU also both with their weights prepacked for
-oneDNN (``model.prepack``, what ``infer.py`` does on the CPU). Each measurement runs in a
+oneDNN (``model.weights.prepack``, what ``infer.py`` does on the CPU). Each measurement runs in a
 fresh process so CPU peak memory is live tensor memory; CPU time is the process's CPU
 time on one thread (wall time on a shared 2-core machine swings more than the
 differences measured).
@@ -32,8 +32,8 @@ from bench.common import (  # noqa: E402
     run_worker,
     time_call,
 )
-from model.prepack import prepacked_weights  # noqa: E402
-from model.unet import UNet  # noqa: E402
+from model.nets.unet import UNet  # noqa: E402
+from model.weights.prepack import prepacked_weights  # noqa: E402
 from tests.sd_layout import config  # noqa: E402
 
 # size -> (unet config, batch, latent side)

@@ -38,7 +38,7 @@ from bench.common import (  # noqa: E402
     run_worker,
     time_call,
 )
-from model.unet import UNet  # noqa: E402
+from model.nets.unet import UNet  # noqa: E402
 from tests.sd_layout import config, randomise  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
-from model.atomic import save_safetensors
+from model.weights.atomic import save_safetensors
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data.cache import digest, plain, read_cache, write_cache
 from data.datamodule import JointBatchSampler
-from model.atomic import file_sha256
+from model.weights.atomic import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def cache_key(source: dict, clip: dict) -> str:
 def build_clip_embedder(clip):
     """The frozen CLIP: a ``ClipEmbedder`` as it is, or one built from ``{model, weights}``
     (random weights, with a warning, when unset)."""
-    from model.clip import ClipEmbedder
-    from model.gen1 import build_content_encoder
+    from model.encoders.clip import ClipEmbedder
+    from model.training.gen1 import build_content_encoder
 
     return clip if isinstance(clip, ClipEmbedder) else build_content_encoder(clip)
 

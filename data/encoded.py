@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from data.cache import digest, plain, read_cache, write_cache
-from model.atomic import file_sha256
+from model.weights.atomic import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ def encode_dataset(
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """The cached tensors of every sample of ``dataset``, plus captions and keys."""
-    from model.autoencoder import AutoencoderKL
-    from model.checkpoint import load_sd_vae
-    from model.gen1 import build_content_encoder, build_depth
+    from model.nets.autoencoder import AutoencoderKL
+    from model.training.gen1 import build_content_encoder, build_depth
+    from model.weights.checkpoint import load_sd_vae
 
     autoencoder = AutoencoderKL(**{k: v for k, v in vae.items() if k != "_target_"})
     if vae_weights:

@@ -8,7 +8,9 @@ import pytorch_lightning as pl
 import torch
 
 from data.io import write_video
-from model.editing import EditSettings
+from model.editing.pipeline import edit_video
+from model.editing.settings import EditSettings
+from model.training.gen1 import Gen1
 
 
 class ValidationSamples(pl.Callback):
@@ -55,7 +57,7 @@ class ValidationSamples(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.batch is None or not trainer.is_global_zero:
             return
-        if not hasattr(pl_module, "edit"):  # not a Gen-1 model (e.g. a tiny VAE trainer)
+        if not isinstance(pl_module, Gen1):  # e.g. a tiny VAE trainer: nothing to edit
             return
         frames = self.batch["frames"][:1, : self.max_frames]
         depth = self.batch.get("depth")
@@ -63,8 +65,8 @@ class ValidationSamples(pl.Callback):
         generator = torch.Generator().manual_seed(self.seed)
         with pl_module.ema_weights():
             content = pl_module.encode_content(frames[:, 0])
-            result = pl_module.edit(
-                frames, content, self.settings, depth=depth, generator=generator
+            result = edit_video(
+                pl_module, frames, content, self.settings, depth=depth, generator=generator
             )
         side_by_side = torch.cat([frames[0].cpu().float(), result.frames[0]], dim=-1)
         path = self.dirpath / f"step_{trainer.global_step:07d}.mp4"

@@ -1,1 +1,16 @@
-"""Networks and diffusion math of the Gen-1 video model (no I/O, no Hydra)."""
+"""The Gen-1 model library: networks, diffusion math, weight files, editing and training.
+
+Packages, bottom to top (a package imports only those listed before it):
+
+- ``weights``: reading weight files safely, strict loading by key, the release format,
+  oneDNN-prepacked inference weights, atomic writes.
+- ``diffusion``: noise schedule, noise, training loss, samplers, guidance, temporal windows.
+- ``nets``: the denoiser's networks: SD's UNet with temporal layers, its blocks, the VAE.
+- ``encoders``: what conditions the denoiser: MiDaS depth and the structure made from it,
+  CLIP image/text embeddings, the text-to-image-embedding prior.
+- ``metrics``: scores of edited videos (Gen-1's CLIP metrics, structure fidelity, warp error).
+- ``editing`` and ``training``: the editing pipeline; the Lightning modules. Neither imports
+  the other.
+
+Nothing here imports ``data/`` or the entry points, and nothing reads Hydra configs.
+"""

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.autoencoder import AutoencoderKL
-from model.checkpoint import (
+from model.nets.autoencoder import AutoencoderKL
+from model.nets.unet import UNet
+from model.weights.checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointError,
@@ -15,7 +16,6 @@ from model.checkpoint import (
     load_sd_vae,
     read_state_dict,
 )
-from model.unet import UNet
 from tests.sd_layout import config, randomise
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision import transforms as T
 
-from model.clip import TINY_CLIP_CONFIG, build_clip, clip_config, load_clip
+from model.encoders.clip import TINY_CLIP_CONFIG, build_clip, clip_config, load_clip
 
 PROMPTS = ["a red cube on a striped floor", "a blue sphere", ""]
 

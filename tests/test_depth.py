@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.depth import (
+from model.encoders.depth import (
     MIDAS_CONFIGS,
     SD_DEPTH_PREFIX,
     DepthEstimator,

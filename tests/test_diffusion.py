@@ -7,15 +7,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from model.diffusion import (
-    DiscreteSchedule,
-    correlate_frames,
-    get_scalings,
-    min_snr_weight,
-    sample_noise,
-    training_loss,
-)
-from model.samplers import DiscreteDenoiser
+from model.diffusion.loss import min_snr_weight, training_loss
+from model.diffusion.noise import correlate_frames, sample_noise
+from model.diffusion.samplers import DiscreteDenoiser
+from model.diffusion.schedule import DiscreteSchedule, get_scalings
 
 
 def sd_scheduler(**kwargs) -> DDPMScheduler:

@@ -5,21 +5,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from model.editing import (
-    EditSettings,
-    autocast,
-    cast_for_inference,
-    decode_latents,
-    edit_video,
-    encode_frames,
-    frame_noise,
-    image_content,
-    settings_from_config,
-    text_content,
-    video_depth,
-)
-from model.gen1 import build_depth
-from model.windows import WindowedDenoiser, taper_weights, window_slices
+from model.diffusion.noise import frame_noise
+from model.diffusion.windows import WindowedDenoiser, taper_weights, window_slices
+from model.editing.content import image_content, text_content
+from model.editing.pipeline import decode_latents, edit_video, encode_frames, video_depth
+from model.editing.precision import autocast, cast_for_inference
+from model.editing.settings import EditSettings, settings_from_config
+from model.training.gen1 import build_depth
 from tests.sd_layout import ROOT
 from train import build_model
 
@@ -178,8 +170,8 @@ def test_the_unet_never_sees_more_frames_than_a_window(temporal_gen1):
 def test_seed_reproduces_an_edit_and_another_seed_changes_it(gen1):
     frames, depth = video(4)
     a, c = (run(gen1, frames, depth, seed=s).frames for s in (7, 8))
-    b = gen1.edit(
-        frames, content_of(gen1, frames), EditSettings(**FAST), depth=depth,
+    b = edit_video(
+        gen1, frames, content_of(gen1, frames), EditSettings(**FAST), depth=depth,
         generator=torch.Generator().manual_seed(7),
     ).frames  # fmt: skip
     assert torch.equal(a, b)

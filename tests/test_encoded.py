@@ -12,9 +12,9 @@ import data.encoded as encoded
 from data.datamodule import collate_samples
 from data.encoded import EncodedClipDataset
 from data.synthetic import SyntheticWorldDataset
-from model.clip import build_clip
-from model.diffusion import training_loss
-from model.gen1 import Gen1
+from model.diffusion.loss import training_loss
+from model.encoders.clip import build_clip
+from model.training.gen1 import Gen1
 from tests.sd_layout import ROOT
 
 SOURCE = {
@@ -127,7 +127,7 @@ def test_noise_correlation_trains_clips_on_correlated_frame_noise(
     model_config, tmp_path, monkeypatch
 ):
     """Video batches get frame noise with a per-clip shared part; single frames are untouched."""
-    import model.gen1 as gen1_module
+    import model.training.gen1 as gen1_module
 
     seen = []
 

@@ -10,8 +10,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import eval as eval_cli
-from model.prior import export_prior
-from model.release import inference_config, inference_state, load_gen1, write_release
+from jobs.evaluation import clips, modes, reports, scoring, settings
+from model.encoders.prior import export_prior
+from model.training.loading import load_gen1
+from model.weights.release import inference_config, inference_state, write_release
 from tests.sd_layout import ROOT
 from tests.test_prior import small_prior
 from train import build_model
@@ -58,8 +60,8 @@ def test_compare_writes_table_and_per_clip_json_for_the_four_settings(release, t
     cfg = config(f"checkpoint={release}", f"output_dir={out}", *FAST)
     assert eval_cli.cli(cfg) == 0
     printed = capsys.readouterr().out
-    labels = [v.format(w_t=1.0) for v in eval_cli.SETTINGS.values()]
-    for label in [eval_cli.INPUT_ROW, *labels]:
+    labels = [v.format(w_t=1.0) for v in modes.SETTINGS.values()]
+    for label in [reports.INPUT_ROW, *labels]:
         assert f"| {label} |" in printed
     assert "| setting | frame consistency | warp error | structure fidelity |" in printed
     assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md"]
@@ -69,13 +71,13 @@ def test_compare_writes_table_and_per_clip_json_for_the_four_settings(release, t
     assert report["settings"]["num_clips"] == 2 and report["checkpoint"]["sha256"]
     assert len(report["clips"]) == 2
     for entry in [report["mean"], *(c["scores"] for c in report["clips"])]:
-        assert set(entry) == {eval_cli.INPUT_ROW, *labels}
+        assert set(entry) == {reports.INPUT_ROW, *labels}
         for scores in entry.values():
-            assert set(scores) == set(eval_cli.METRICS) and finite_scores(scores)
+            assert set(scores) == set(reports.METRICS) and finite_scores(scores)
     clip = report["clips"][0]
     assert clip["key"].startswith("world#200000000#4x64x64")
     assert clip["reference"] == "world#200000002#4x64x64"  # another held-out clip
-    unedited = report["mean"][eval_cli.INPUT_ROW]
+    unedited = report["mean"][reports.INPUT_ROW]
     assert unedited["structure_fidelity"] == pytest.approx(0.0, abs=1e-6)  # same MiDaS, same input
     assert unedited["warp_error"] < 2e-3  # the world moves exactly with its flow
     assert all(report["mean"][label]["structure_fidelity"] > 1e-4 for label in labels)
@@ -83,10 +85,10 @@ def test_compare_writes_table_and_per_clip_json_for_the_four_settings(release, t
 
 def test_frame_by_frame_noise_is_shared_or_independent_as_named(release):
     cfg = config(f"checkpoint={release}", *FAST)
-    gen1, estimator = eval_cli.load_model(cfg, torch.device("cpu"))
-    clip = next(eval_cli.world_clips(cfg))
+    gen1, estimator = settings.load_model(cfg, torch.device("cpu"))
+    clip = next(clips.world_clips(cfg))
     still = clip.frames[:, :1].expand_as(clip.frames)  # four copies of frame 0
-    editor = eval_cli.Editor(cfg, gen1, estimator, dataclasses.replace(clip, frames=still))
+    editor = scoring.Editor(cfg, gen1, estimator, dataclasses.replace(clip, frames=still))
     shared = editor.frame_by_frame(t_s=3, shared_noise=True)
     independent = editor.frame_by_frame(t_s=3, shared_noise=False)
     assert shared.shape == independent.shape == (4, 3, 64, 64)
@@ -105,7 +107,7 @@ def test_sweep_writes_tables_and_two_plots(release, tmp_path):
         f"checkpoint={release}", f"output_dir={out}", "mode=sweep", *FAST, "num_clips=1",
         "num_frames=3", "sweep.w_t=[0,1.5]", "sweep.t_s=[0,4]", "prompt=null",
     )  # fmt: skip
-    outcome = eval_cli.run(cfg)
+    outcome = modes.run(cfg)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["sweep.json", "sweep.md", "sweep_t_s.png", "sweep_w_t.png"]
     for png in ("sweep_t_s.png", "sweep_w_t.png"):
@@ -127,7 +129,7 @@ def test_prompts_compares_the_prior_with_the_raw_text_embedding(release, tmp_pat
         f"checkpoint={release}", f"output_dir={out}", "mode=prompts", f"prior={prior}",
         *FAST, "num_clips=1", "num_frames=3", "prior_pairs=8",
     )  # fmt: skip
-    outcome = eval_cli.run(cfg)
+    outcome = modes.run(cfg)
     assert sorted(p.name for p in out.iterdir()) == ["prompts.json", "prompts.md"]
     means = outcome["mean"]
     assert set(means) == {"prompt_mode=prior", "prompt_mode=direct"}

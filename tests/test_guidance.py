@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from model.diffusion import DiscreteSchedule, append_dims
-from model.guidance import Gen1Guidance, MaskedDenoiser, sample, sdedit_start
-from model.samplers import SAMPLERS, DiscreteDenoiser, get_sigmas
+from model.diffusion.guidance import Gen1Guidance, MaskedDenoiser, sample, sdedit_start
+from model.diffusion.samplers import SAMPLERS, DiscreteDenoiser, get_sigmas
+from model.diffusion.schedule import DiscreteSchedule, append_dims
 
 SCHEDULE = DiscreteSchedule()
 B, F, C, H, W = 2, 3, 4, 4, 4

@@ -15,7 +15,9 @@ from PIL import Image
 
 import infer
 from data import media
-from model.release import file_sha256, read_release, release_from_checkpoint, write_release
+from model.training.loading import release_from_checkpoint
+from model.weights.atomic import file_sha256
+from model.weights.release import read_release, write_release
 from tests.sd_layout import ROOT
 from tests.test_release import write_training_checkpoint
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.synthetic import SyntheticWorldDataset, render
-from model.clip import build_clip
-from model.metrics import (
+from data.synthetic import SyntheticWorldDataset
+from data.world_render import render
+from model.encoders.clip import build_clip
+from model.metrics.video import (
     flow_valid_mask,
     frame_consistency,
     prompt_consistency,

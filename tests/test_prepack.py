@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from model import prepack
-from model.attention import Attention
-from model.prepack import prepacked_weights
-from model.unet import UNet
+from model.weights import prepack
+from model.nets.attention import Attention
+from model.nets.unet import UNet
+from model.weights.prepack import prepacked_weights
 from tests.sd_layout import config
 
 pytestmark = pytest.mark.skipif(not prepack.available(), reason="PyTorch built without oneDNN")

@@ -17,11 +17,12 @@ import infer
 from data.captions import CaptionEmbeddingDataModule, CaptionEmbeddingDataset
 from data.io import write_video
 from data.synthetic import SyntheticWorldDataset
-from model.checkpoint import CheckpointError
-from model.clip import load_clip
-from model.editing import text_content
-from model.prior import Prior, export_prior, load_prior, prior_function
-from model.prior_training import evaluate_prior, main
+from model.editing.content import text_content
+from model.encoders.clip import load_clip
+from model.encoders.prior import Prior, export_prior, load_prior, prior_function
+from model.training.prior_training import evaluate_prior
+from model.weights.checkpoint import CheckpointError
+from release import export_component
 from tests.sd_layout import ROOT
 from train import train
 
@@ -85,8 +86,10 @@ def test_train_py_trains_the_prior_and_its_export_loads(tmp_path):
     assert json.loads(json.dumps(loaded.config)) == loaded.config
     state = module.prior.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
-    # The command line exports the same file from the Lightning checkpoint.
-    main(["export", str(tmp_path / "checkpoints/last.ckpt"), str(tmp_path / "cli.safetensors")])
+    # release.py exports the same file from the Lightning checkpoint.
+    export_component(
+        str(tmp_path / "checkpoints/last.ckpt"), str(tmp_path / "cli.safetensors"), "prior"
+    )
     a, b = load_file(path), load_file(tmp_path / "cli.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -13,16 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import release as release_cli
-from model.checkpoint import CheckpointError
-from model.release import (
+from model.training.loading import load_gen1, release_from_checkpoint
+from model.weights.checkpoint import CheckpointError
+from model.weights.release import (
     CONFIG_KEY,
     FORMAT,
     FORMAT_KEY,
     default_noise_correlation,
-    load_gen1,
     read_release,
     read_training_checkpoint,
-    release_from_checkpoint,
     sampling_default,
 )
 from tests.sd_layout import ROOT
@@ -129,7 +128,7 @@ def test_a_release_naming_a_class_is_refused_and_nothing_is_built(release, tmp_p
     metadata[CONFIG_KEY] = json.dumps({**config, "loader": "os.system"})
     save_file({"x": torch.zeros(1)}, str(unknown), metadata=metadata)
     with pytest.raises(CheckpointError, match="unknown Gen1 config entries"):
-        read_release(unknown)
+        load_gen1(unknown)
     plain = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(1)}, str(plain))
     with pytest.raises(CheckpointError, match="not a Gen-1 release"):

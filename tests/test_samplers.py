@@ -9,8 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from bench.samplers import gaussian_problem
-from model.diffusion import DiscreteSchedule, append_dims
-from model.samplers import (
+from model.diffusion.samplers import (
     SAMPLERS,
     DiscreteDenoiser,
     discrete_timesteps,
@@ -23,6 +22,7 @@ from model.samplers import (
     sample_dpmpp_2m,
     sample_heun,
 )
+from model.diffusion.schedule import DiscreteSchedule, append_dims
 
 SCHEDULE = DiscreteSchedule()
 SD_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

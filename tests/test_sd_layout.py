@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model.autoencoder import AutoencoderKL
-from model.unet import UNet
+from model.nets.autoencoder import AutoencoderKL
+from model.nets.unet import UNet
 from tests.sd_layout import config, reference_keys, shapes
 
 

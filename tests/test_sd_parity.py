@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.autoencoder import AutoencoderKL
-from model.checkpoint import UNET_PREFIX, VAE_PREFIX, load_sd_unet, load_sd_vae
-from model.unet import UNet
+from model.nets.autoencoder import AutoencoderKL
+from model.nets.unet import UNet
+from model.weights.checkpoint import UNET_PREFIX, VAE_PREFIX, load_sd_unet, load_sd_vae
 from tests.sd_layout import config, randomise
 
 ldm_openaimodel = pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")

@@ -7,11 +7,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from model.checkpoint import CheckpointError
-from model.ema import EMA
-from model.gen1 import load_stage_unet
-from model.release import native_resolution, read_model_config, release_from_checkpoint
-from model.unet import UNet
+from model.nets.unet import UNet
+from model.training.ema import EMA
+from model.training.gen1 import load_stage_unet
+from model.training.loading import release_from_checkpoint
+from model.weights.checkpoint import CheckpointError
+from model.weights.release import native_resolution, read_model_config
 from tests.sd_layout import ROOT, config
 from tests.test_release import write_training_checkpoint
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.structure import blur_structure, clip_structure
+from model.encoders.structure import blur_structure, clip_structure
 
 
 def random_depth(b: int = 2, f: int = 6, h: int = 40, w: int = 56, seed: int = 0) -> torch.Tensor:

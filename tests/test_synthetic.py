@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.synthetic import SyntheticWorldDataset, render
+from data.synthetic import SyntheticWorldDataset
+from data.world_render import render
 
 
 @pytest.fixture(autouse=True)

@@ -13,18 +13,18 @@ from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
 from data.synthetic import SyntheticWorldDataset
-from model.autoencoder import AutoencoderKL
-from model.checkpoint import load_sd_vae
-from model.clip import load_clip
-from model.depth import DepthEstimator, load_midas
-from model.tiny_trainers import (
+from model.encoders.clip import load_clip
+from model.encoders.depth import DepthEstimator, load_midas
+from model.encoders.structure import align_scale_shift
+from model.nets.autoencoder import AutoencoderKL
+from model.training.components import (
     ClipTrainer,
     DepthTrainer,
     VAETrainer,
-    align_scale_shift,
     contrastive_loss,
     retrieval_top1,
 )
+from model.weights.checkpoint import load_sd_vae
 from tests.sd_layout import ROOT
 from train import train
 

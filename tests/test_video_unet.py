@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoint import UNET_PREFIX, load_sd_unet
-from model.unet import UNet
+from model.nets.unet import UNet
+from model.weights.checkpoint import UNET_PREFIX, load_sd_unet
 from tests.sd_layout import config, randomise
 
 

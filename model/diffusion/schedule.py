@@ -1,4 +1,4 @@
-"""Stable Diffusion's discrete noise schedule, eps / v parameterisations and the training loss.
+"""Stable Diffusion's discrete noise schedule and its eps / v parameterisations.
 
 Two views of the same forward process are used:
 
@@ -7,16 +7,14 @@ Two views of the same forward process are used:
 * Karras / k-diffusion (the samplers' space): ``x = x0 + sigma noise`` with
   ``sigma_t = sqrt((1 - a_t) / a_t)``, so ``x_t = x / sqrt(1 + sigma^2)``.
 
-``get_scalings`` is the one preconditioning shared by training (``training_loss``) and sampling
-(``model.samplers.DiscreteDenoiser``): the denoised estimate is ``c_skip x + c_out F(c_in x, t)``
-and the model's regression target is ``(x0 - c_skip x) / c_out``, which is ``noise`` for eps and
-``sqrt(a) noise - sqrt(1 - a) x0`` for v.
+``get_scalings`` is the one preconditioning shared by training (``model.diffusion.loss``) and
+sampling (``model.diffusion.samplers.DiscreteDenoiser``): the denoised estimate is
+``c_skip x + c_out F(c_in x, t)`` and the model's regression target is
+``(x0 - c_skip x) / c_out``, which is ``noise`` for eps and ``sqrt(a) noise - sqrt(1 - a) x0``
+for v.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
@@ -133,99 +131,3 @@ def get_scalings(
     if check_parameterization(parameterization) == "eps":
         return torch.ones_like(sigma), -sigma, c_in
     return c_in**2, -sigma * c_in, c_in
-
-
-def min_snr_weight(sigma: torch.Tensor, parameterization: str, gamma: float | None) -> torch.Tensor:
-    """Per-sample loss weight of min-SNR-gamma (Hang et al. 2023); ones when ``gamma`` is None.
-
-    With ``snr = 1 / sigma^2`` the weight is ``min(snr, gamma) / snr`` on the eps loss and
-    ``min(snr, gamma) / (snr + 1)`` on the v loss.
-    """
-    if gamma is None:
-        return torch.ones_like(sigma)
-    snr = sigma.pow(-2)
-    clipped = snr.clamp(max=gamma)
-    return (
-        clipped / snr if check_parameterization(parameterization) == "eps" else clipped / (snr + 1)
-    )
-
-
-def sample_noise(
-    x0: torch.Tensor, offset_noise: float = 0.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Gaussian noise like ``x0``, plus ``offset_noise`` times a per-sample, per-channel offset.
-
-    Offset noise (Guttenberg 2023) lets the model change an image's mean colour. The offset is
-    shared by all frames and pixels of a sample: shape (B, 1, C, 1, 1) for videos (B, F, C, H, W).
-    """
-    device = generator.device if generator is not None else x0.device
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    if offset_noise:
-        shape = [x0.shape[0]] + [1] * (x0.ndim - 1)
-        shape[-3] = x0.shape[-3]
-        offset = torch.randn(shape, generator=generator, device=device, dtype=x0.dtype)
-        noise = noise + offset_noise * offset
-    return noise.to(x0.device)
-
-
-def correlate_frames(
-    noise: torch.Tensor, correlation: float | torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Video noise ``(B, F, C, H, W)`` whose frames correlate by ``correlation`` (a number, or
-    one per sample ``(B,)``): sqrt(1 - c) times ``noise`` plus sqrt(c) times one draw shared by
-    a sample's frames (PYoCo's mixed noise prior). Each frame stays unit Gaussian."""
-    device = generator.device if generator is not None else noise.device
-    shape = (noise.shape[0], 1, *noise.shape[2:])
-    common = torch.randn(shape, generator=generator, device=device, dtype=noise.dtype)
-    c = torch.as_tensor(correlation, dtype=noise.dtype, device=noise.device)
-    c = c.reshape(-1, *[1] * (noise.ndim - 1)) if c.ndim else c
-    return (1 - c).sqrt() * noise + c.sqrt() * common.to(noise.device)
-
-
-class TrainingLoss(NamedTuple):
-    """The scalar loss, the per-sample (weighted) losses and the timesteps drawn."""
-
-    loss: torch.Tensor
-    per_sample: torch.Tensor
-    t: torch.Tensor
-
-
-def training_loss(
-    model_fn: Callable[..., torch.Tensor],
-    x0: torch.Tensor,
-    schedule: DiscreteSchedule,
-    parameterization: str = "eps",
-    cond: dict | None = None,
-    *,
-    t: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-    min_snr_gamma: float | None = None,
-    offset_noise: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> TrainingLoss:
-    """MSE between ``model_fn(x_t, t, **cond)`` and the parameterisation's target (eps or v).
-
-    ``t`` (B,) defaults to uniform integers in [0, T); ``noise`` defaults to Gaussian noise with
-    optional offset noise. ``min_snr_gamma`` turns on min-SNR-gamma weighting.
-    """
-    batch = x0.shape[0]
-    if t is None:
-        device = generator.device if generator is not None else x0.device
-        t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=device)
-    t = t.to(x0.device).long()
-    if t.shape != (batch,):
-        raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
-    if noise is None:
-        noise = sample_noise(x0, offset_noise, generator)
-    sigma = schedule.sigmas.to(x0.device)[t]
-    c_skip, c_out, c_in = (
-        append_dims(c, x0.ndim).to(x0.dtype) for c in get_scalings(sigma, parameterization)
-    )
-    x = x0 + append_dims(sigma, x0.ndim).to(x0.dtype) * noise
-    target = (x0 - c_skip * x) / c_out
-    output = model_fn(x * c_in, t, **(cond or {}))
-    if output.shape != x0.shape:
-        raise ValueError(f"model output shape {tuple(output.shape)} != latents {tuple(x0.shape)}")
-    per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(1)
-    per_sample = per_sample * min_snr_weight(sigma.float(), parameterization, min_snr_gamma)
-    return TrainingLoss(per_sample.mean(), per_sample, t)

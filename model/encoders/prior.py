@@ -13,10 +13,11 @@ or standardised per dimension with the training set's mean and std of the unit e
 sample is mapped back to a unit direction times the training set's mean raw norm, so it has
 the scale of ``ClipEmbedder.encode_image``'s (unnormalised) output, which Gen-1 takes.
 
-Sampling runs through ``model.samplers``: ``PriorDenoiser`` makes the x0-network a denoiser of
-sigma. ``prior_function(prior, seed)`` is the callable ``model.editing.text_content`` takes.
+Sampling runs through ``model.diffusion.samplers``: ``PriorDenoiser`` makes the x0-network a
+denoiser of sigma. ``prior_function(prior, seed)`` is the callable
+``model.editing.content.text_content`` takes.
 ``export_prior`` writes a ``.safetensors`` with the config as JSON metadata, read back by
-``load_prior``. Training, evaluation and the command line live in ``model.prior_training``.
+``load_prior``. Training and evaluation live in ``model.training.prior_training``.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from model.atomic import save_safetensors
-from model.checkpoint import CheckpointError
-from model.diffusion import DiscreteSchedule
-from model.samplers import get_sigmas, resolve_sampler
-from model.unet import timestep_embedding
+from model.diffusion.samplers import get_sigmas, resolve_sampler
+from model.diffusion.schedule import DiscreteSchedule
+from model.nets.unet import timestep_embedding
+from model.weights.atomic import save_safetensors
+from model.weights.checkpoint import CheckpointError
 
 FORMAT = "gen1-prior/1"
 CONFIG_KEY = "prior_config"
@@ -229,8 +230,8 @@ class Prior(nn.Module):
     ) -> torch.Tensor:
         """Image embeddings ``(B, D)`` (raw CLIP scale) for raw text embeddings ``(B, D)``.
 
-        Any sampler of ``model.samplers``; ``guidance_scale`` > 1 is classifier-free guidance
-        on the x0 prediction; ``num_candidates`` > 1 keeps, per text, the sample of highest
+        Any sampler of ``model.diffusion.samplers``; ``guidance_scale`` > 1 is classifier-free
+        guidance on the x0 prediction; ``num_candidates`` > 1 keeps, per text, the sample of highest
         cosine with the text (DALL-E 2's trick). All noise comes from ``generator``.
         """
         if not self.has_stats:
@@ -330,7 +331,7 @@ def read_prior_metadata(path: str | Path) -> dict[str, str]:
     if metadata.get("format") != FORMAT or CONFIG_KEY not in metadata:
         raise CheckpointError(
             f"{path}: not a prior file (format {metadata.get('format')!r}, expected {FORMAT!r};"
-            " export one with PriorTrainer.export or python -m model.prior_training export)"
+            " export one with PriorTrainer.export or release.py CKPT OUT --component prior)"
         )
     return metadata
 

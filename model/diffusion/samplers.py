@@ -18,7 +18,12 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import trange
 
-from model.diffusion import DiscreteSchedule, append_dims, check_parameterization, get_scalings
+from model.diffusion.schedule import (
+    DiscreteSchedule,
+    append_dims,
+    check_parameterization,
+    get_scalings,
+)
 
 Denoiser = Callable[..., torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

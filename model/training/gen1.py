@@ -5,7 +5,7 @@ file rebuilds the model without Hydra and without naming classes). A training st
 encodes frames, turns depth into structure at a random fidelity ``t_s``, takes the CLIP
 embedding of a random frame as content (dropped to the null content with probability
 ``p_uncond``), and regresses the UNet on the noised latents; image batches run with the
-temporal layers off. ``edit`` samples an edited video (see ``model.editing``).
+temporal layers off. ``model.editing`` samples edited videos from it.
 """
 
 from __future__ import annotations
@@ -18,15 +18,29 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from model.autoencoder import AutoencoderKL
-from model.checkpoint import NEW_UNET_KEYS, LoadReport, load_sd_unet, load_sd_vae, load_strict
-from model.clip import build_clip, load_clip
-from model.depth import DepthEstimator, build_midas, load_midas
-from model.diffusion import DiscreteSchedule, correlate_frames, sample_noise, training_loss
-from model.editing import EditSettings, edit_video
-from model.ema import EMA
-from model.structure import clip_structure
-from model.unet import UNet
+from model.diffusion.loss import training_loss
+from model.diffusion.noise import correlate_frames, sample_noise
+from model.diffusion.schedule import DiscreteSchedule
+from model.encoders.clip import build_clip, load_clip
+from model.encoders.depth import DepthEstimator, build_midas, load_midas
+from model.encoders.structure import clip_structure
+from model.nets.autoencoder import AutoencoderKL
+from model.nets.unet import UNet
+from model.training.ema import EMA
+from model.weights.checkpoint import (
+    NEW_UNET_KEYS,
+    LoadReport,
+    load_sd_unet,
+    load_sd_vae,
+    load_strict,
+)
+from model.weights.release import (
+    UNET_PREFIX,
+    inference_state,
+    is_release,
+    read_release,
+    read_training_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +80,6 @@ def load_stage_unet(unet: UNet, path: str) -> LoadReport:
     """Start ``unet`` from an earlier training stage: the (EMA) UNet of a Gen-1 Lightning
     checkpoint or release file; temporal layers the file lacks (an image stage) keep their
     identity initialisation, any other mismatch raises."""
-    from model.release import (
-        UNET_PREFIX,
-        inference_state,
-        is_release,
-        read_release,
-        read_training_checkpoint,
-    )
-
     if is_release(path):
         state = read_release(path)[1]
     else:
@@ -200,10 +206,6 @@ class Gen1(pl.LightningModule):
                 raise ValueError("model.depth is null: the batch must carry 'depth'")
             depth = self.depth(frames)
         return clip_structure(depth, tuple(latent_size), t_s)
-
-    def edit(self, frames: torch.Tensor, content: torch.Tensor, settings: EditSettings, **kwargs):
-        """An edited video: ``model.editing.edit_video`` on this model (same arguments)."""
-        return edit_video(self, frames, content, settings, **kwargs)
 
     # -- training --------------------------------------------------------------------------
 

@@ -1,14 +1,13 @@
-"""Training and evaluation of the text -> image-embedding prior of ``model.prior``.
+"""Training and evaluation of the text -> image-embedding prior of ``model.encoders.prior``.
 
-``PriorTrainer`` trains it (``python train.py experiment=tiny_prior``) and exports it;
-``evaluate_prior`` measures its samples. Kept apart from ``model.prior`` so inference loads
-the network without Lightning. ``python -m model.prior_training export CKPT OUT`` /
-``python -m model.prior_training evaluate PRIOR ...``.
+``PriorTrainer`` trains it (``python train.py experiment=tiny_prior``) and exports it
+(``python release.py CKPT OUT --component prior``); ``evaluate_prior`` measures its samples
+(``python eval.py mode=prompts``). Kept apart from ``model.encoders.prior`` so inference loads
+the network without Lightning.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.prior import Prior, cosine, export_prior, load_prior, read_prior_metadata
-from model.tiny_trainers import ComponentTrainer
+from model.encoders.prior import Prior, cosine, export_prior
+from model.training.components import ComponentTrainer
+from model.weights.atomic import file_sha256
 
 # -- evaluation --------------------------------------------------------------------------------
 
@@ -147,77 +147,6 @@ class PriorTrainer(ComponentTrainer):
         if clip:
             weights = clip.get("weights")
             if weights and Path(weights).is_file():
-                from model.atomic import file_sha256
-
                 clip["weights_sha256"] = file_sha256(weights)
             extra["clip"] = json.dumps(clip)
         return export_prior(self.prior, path, extra)
-
-
-# -- command line ------------------------------------------------------------------------------
-
-
-def _evaluate_world(args: argparse.Namespace) -> dict[str, float]:
-    from data.captions import world_pairs
-
-    prior = load_prior(args.prior)
-    metadata = read_prior_metadata(args.prior)
-    clip = json.loads(metadata.get("clip", "{}"))
-    weights = args.clip_weights or clip.get("weights")
-    model = args.clip_model or clip.get("model", "clip_tiny")
-    text, images = world_pairs(
-        {"model": model, "weights": weights},
-        num_clips=args.num_clips,
-        num_frames=args.num_frames,
-        size=args.size,
-        split=args.split,
-        seed=args.world_seed,
-    )
-    return evaluate_prior(
-        prior,
-        text,
-        images,
-        seed=args.seed,
-        sampler=args.sampler,
-        steps=args.steps,
-        schedule=args.schedule,
-        guidance_scale=args.guidance_scale,
-        num_candidates=args.num_candidates,
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``export CKPT OUT``: a PriorTrainer checkpoint to a prior file. ``evaluate PRIOR``:
-    held-out cosines on the procedural world's test split."""
-    parser = argparse.ArgumentParser(
-        prog="python -m model.prior_training", description=main.__doc__
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="Lightning checkpoint -> prior .safetensors")
-    export.add_argument("checkpoint")
-    export.add_argument("output")
-    evaluate = commands.add_parser("evaluate", help="cosines on held-out world captions")
-    evaluate.add_argument("prior")
-    evaluate.add_argument("--clip-weights", help="default: the CLIP recorded in the prior file")
-    evaluate.add_argument("--clip-model", help="default: the CLIP recorded in the prior file")
-    evaluate.add_argument("--num-clips", type=int, default=1000)
-    evaluate.add_argument("--num-frames", type=int, default=1)
-    evaluate.add_argument("--size", type=int, default=64)
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--world-seed", type=int, default=0)
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--sampler", default="ddim")
-    evaluate.add_argument("--steps", type=int, default=64)
-    evaluate.add_argument("--schedule", default="trailing")
-    evaluate.add_argument("--guidance-scale", type=float, default=1.0)
-    evaluate.add_argument("--num-candidates", type=int, default=1)
-    args = parser.parse_args(argv)
-    if args.command == "export":
-        trainer = PriorTrainer.load_from_checkpoint(args.checkpoint, map_location="cpu")
-        print(f"wrote {trainer.export(args.output)}")
-        return
-    print(json.dumps(_evaluate_world(args), indent=2))
-
-
-if __name__ == "__main__":
-    main()

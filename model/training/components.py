@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.atomic import atomic_output, save_safetensors
-from model.autoencoder import AutoencoderKL
-from model.clip import build_clip
-from model.depth import build_midas, midas_input_size
+from model.encoders.clip import build_clip
+from model.encoders.depth import build_midas, midas_input_size
+from model.encoders.structure import align_scale_shift, standardise
+from model.nets.autoencoder import AutoencoderKL
+from model.weights.atomic import atomic_output, save_safetensors
 
 
 def _params(cfg: dict) -> dict:
@@ -208,19 +209,6 @@ class VAETrainer(ComponentTrainer):
 # -- depth -----------------------------------------------------------------------------------
 
 
-def align_scale_shift(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``s * prediction + t`` per image ``(N, H, W)``, with the least-squares fit of ``s, t``
-    to ``target`` (MiDaS's alignment); a constant prediction gets ``s = 0, t = mean``."""
-    p, y = prediction.flatten(1), target.flatten(1)
-    p_mean, y_mean = p.mean(1, keepdim=True), y.mean(1, keepdim=True)
-    p_c = p - p_mean  # centred: no cancellation between large sums
-    variance = p_c.square().mean(1)
-    fit = variance > 1e-10 * p.square().mean(1) + 1e-20
-    scale = torch.where(fit, (p_c * (y - y_mean)).mean(1) / variance.clamp_min(1e-20), 0.0)
-    shift = y_mean[:, 0] - scale * p_mean[:, 0]
-    return prediction * scale[:, None, None] + shift[:, None, None]
-
-
 def gradient_matching(residual: torch.Tensor, scales: int) -> torch.Tensor:
     """MiDaS's multi-scale gradient-matching term: mean |finite differences| of the aligned
     residual ``(N, H, W)``, over ``scales`` levels that each keep every second pixel."""
@@ -233,13 +221,6 @@ def gradient_matching(residual: torch.Tensor, scales: int) -> torch.Tensor:
         dy = (r[:, 1:, :] - r[:, :-1, :]).abs().sum()
         total = total + (dx + dy) / r.numel()
     return total
-
-
-def standardise(depth: torch.Tensor) -> torch.Tensor:
-    """Each image ``(N, H, W)`` shifted and scaled to zero mean and unit std."""
-    flat = depth.flatten(1)
-    mean, std = flat.mean(1), flat.std(1).clamp_min(1e-6)
-    return (depth - mean[:, None, None]) / std[:, None, None]
 
 
 class DepthTrainer(ComponentTrainer):

@@ -16,7 +16,7 @@ class Attention(nn.Module):
     """Multi-head attention of ``x`` over ``context`` (itself when ``context`` is None)."""
 
     # Self-attention's q, k and v in one matrix product of the concatenated weights (faster
-    # with plain weights; ``model.prepack`` turns it off, prepacked weights being separate).
+    # with plain weights; ``model.weights.prepack`` turns it off, prepacked weights being separate).
     fuse_qkv = True
 
     def __init__(

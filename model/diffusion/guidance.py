@@ -1,14 +1,15 @@
 """Gen-1's content and temporal guidance, SDEdit start and masked editing around a denoiser.
 
-All three wrap or prepare a denoiser of sigma (``model.samplers``), so any sampler runs them.
+All three wrap or prepare a denoiser of sigma (``model.diffusion.samplers``), so any sampler
+runs them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from model.diffusion import append_dims
-from model.samplers import Denoiser
+from model.diffusion.samplers import Denoiser
+from model.diffusion.schedule import append_dims
 
 
 class Gen1Guidance:

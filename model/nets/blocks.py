@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import BasicTransformerBlock
-from model.temporal import Frames, TemporalAttention, TemporalConv, zero_
+from model.nets.attention import BasicTransformerBlock
+from model.nets.temporal import Frames, TemporalAttention, TemporalConv, zero_
 
 
 class GroupNorm32(nn.GroupNorm):

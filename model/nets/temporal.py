@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from model.attention import Attention, FeedForward
+from model.nets.attention import Attention, FeedForward
 
 
 @dataclass(frozen=True)

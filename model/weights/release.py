@@ -1,19 +1,17 @@
-"""Release files: a trained Gen-1 as one fp16 ``.safetensors`` with its config as JSON metadata.
+"""The release file format: a trained Gen-1 as one fp16 ``.safetensors`` with its config as JSON.
 
 A release holds what inference needs: the UNet (its EMA weights by default) and the frozen
 parts the model is rebuilt with (VAE, CLIP, MiDaS when the model has one), every floating
 tensor in fp16, and the model's plain config dict as JSON under the metadata key
-``gen1_config``. Reading one uses safetensors and ``json`` only: nothing is unpickled, and
-the only class ever built is ``Gen1`` itself; a config that names a class (``_target_``) or
-an argument ``Gen1`` does not take is refused. Lightning training checkpoints are read with
-``torch.load(weights_only=True)``; pickled objects other than plain data become inert
-stand-ins, never the classes they name.
+``gen1_config``. Reading one uses safetensors and ``json`` only: nothing is unpickled, and a
+config that names a class (``_target_``) is refused. Lightning training checkpoints are read
+with ``torch.load(weights_only=True)``; pickled objects other than plain data become inert
+stand-ins, never the classes they name. Building the model from either lives in
+``model.training.loading``; this module knows files and key layouts only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import logging
 from collections.abc import Mapping
@@ -23,9 +21,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from model.atomic import file_sha256, save_safetensors
-from model.checkpoint import CheckpointError, load_strict
-from model.gen1 import Gen1
+from model.weights.atomic import file_sha256, save_safetensors
+from model.weights.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +51,16 @@ def _find_target(value: Any, where: str = "config") -> str | None:
     return None
 
 
+def check_plain_config(config: Any, path: str | Path) -> dict[str, Any]:
+    """``config`` if it is a dict of plain data that names no class (no ``_target_``)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the model config is a {type(config).__name__}, not a dict")
+    target = _find_target(config)
+    if target:
+        raise CheckpointError(f"{path}: the model config names a class ({target}); refused")
+    return config
+
+
 def _without_targets(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _without_targets(v) for k, v in value.items() if k != "_target_"}
@@ -72,20 +79,6 @@ def inference_config(hparams: Mapping[str, Any]) -> dict[str, Any]:
         config["clip"]["weights"] = None
     if isinstance(config.get("depth"), dict):
         config["depth"]["weights"] = None
-    return config
-
-
-def check_config(config: Any, path: str | Path) -> dict[str, Any]:
-    """``config`` if it is a dict of ``Gen1`` arguments holding plain data and no class names."""
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: the model config is a {type(config).__name__}, not a dict")
-    target = _find_target(config)
-    if target:
-        raise CheckpointError(f"{path}: the model config names a class ({target}); refused")
-    accepted = set(inspect.signature(Gen1.__init__).parameters) - {"self"}
-    unknown = sorted(set(config) - accepted)
-    if unknown:
-        raise CheckpointError(f"{path}: unknown Gen1 config entries {unknown}")
     return config
 
 
@@ -143,32 +136,6 @@ def inference_state(
     return out
 
 
-@contextlib.contextmanager
-def _quiet(logger_name: str):
-    """Silence a logger's warnings while a model with file-less parts is rebuilt."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def build_gen1(config: dict, state: Mapping[str, torch.Tensor], path: str | Path) -> Gen1:
-    """Gen1 from a checked config and a full inference state dict (strict), in eval mode."""
-    config = check_config(config, path)
-    if config.get("ema_decay") is not None or config.get("weights"):
-        raise CheckpointError(f"{path}: an inference config has no ema_decay and no weights")
-    try:
-        with _quiet("model.gen1"):  # "random weights" warnings: the state dict sets them all
-            gen1 = Gen1(**config)
-    except (TypeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: the model config does not build a Gen1 ({err})") from err
-    load_strict(gen1, state, path)
-    return gen1.eval().requires_grad_(False)
-
-
 def read_release(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config, state)`` of a release file: safetensors and JSON only, nothing unpickled."""
     path = Path(path)
@@ -190,7 +157,7 @@ def read_release(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads(metadata[CONFIG_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: {CONFIG_KEY} metadata is not JSON ({err})") from err
-    return check_config(config, path), state
+    return check_plain_config(config, path), state
 
 
 def write_release(
@@ -203,34 +170,13 @@ def write_release(
     """Write a release (floating tensors cast to ``dtype``) via a temporary file moved into
     place; returns the file's sha256."""
     path = Path(path)
-    config = check_config(dict(config), path)
+    config = check_plain_config(dict(config), path)
     tensors = {
         k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()
     }
     metadata = {**(extra_metadata or {}), FORMAT_KEY: FORMAT, CONFIG_KEY: json.dumps(config)}
     save_safetensors(tensors, path, metadata)
     return file_sha256(path)
-
-
-def release_from_checkpoint(
-    checkpoint: str | Path,
-    output: str | Path,
-    use_ema: bool = True,
-    sampling: dict[str, Any] | None = None,
-) -> str:
-    """Training checkpoint -> release file (EMA UNet + frozen parts, fp16); returns sha256.
-    ``sampling`` adds to or replaces the editing defaults the release carries."""
-    checkpoint, output = Path(checkpoint), Path(output)
-    if output.resolve() == checkpoint.resolve():
-        raise ValueError(f"the release would overwrite its checkpoint {checkpoint}")
-    state, hparams = read_training_checkpoint(checkpoint)
-    config = inference_config(hparams)
-    if sampling:
-        config["sampling"] = {**(config.get("sampling") or {}), **sampling}
-    state = inference_state(state, use_ema, checkpoint)
-    build_gen1(config, state, checkpoint)  # the release must rebuild: fail here, not later
-    extra = {"source_checkpoint": checkpoint.name, "ema": str(use_ema).lower()}
-    return write_release(config, state, output, extra_metadata=extra)
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
@@ -243,7 +189,7 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        return check_config(json.loads(metadata[CONFIG_KEY]), path)
+        return check_plain_config(json.loads(metadata[CONFIG_KEY]), path)
     except CheckpointError:
         raise
     except Exception as err:  # unreadable header, no or bad config: the full read says which
@@ -270,16 +216,3 @@ def default_noise_correlation(path: str | Path) -> float:
 def is_release(path: str | Path) -> bool:
     """Whether ``path`` names a release file (by its ``.safetensors`` suffix)."""
     return Path(path).suffix == ".safetensors"
-
-
-def load_gen1(path: str | Path, use_ema: bool = True) -> Gen1:
-    """An inference Gen1 (eval, fp32, CPU) from a release file or a Lightning checkpoint; for a
-    checkpoint the UNet takes its EMA weights when ``use_ema`` and they exist."""
-    path = Path(path)
-    if is_release(path):
-        config, state = read_release(path)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    else:
-        state, hparams = read_training_checkpoint(path)
-        config, state = inference_config(hparams), inference_state(state, use_ema, path)
-    return build_gen1(config, state, path)

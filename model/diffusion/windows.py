@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from tqdm.auto import tqdm
 
-from model.samplers import Denoiser
+from model.diffusion.samplers import Denoiser
 
 
 def window_slices(num_frames: int, length: int, overlap: int) -> list[slice]:

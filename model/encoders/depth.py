@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.midas_blocks import DPTEncoder, EfficientNetEncoder, decode, make_head, make_scratch
+from model.encoders.midas_blocks import (
+    DPTEncoder,
+    EfficientNetEncoder,
+    decode,
+    make_head,
+    make_scratch,
+)
 
 DPT_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -17,7 +17,7 @@ from einops import repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.blocks import (
+from model.nets.blocks import (
     Downsample,
     InputConv,
     ResBlock,
@@ -27,7 +27,7 @@ from model.blocks import (
     Upsample,
     normalization,
 )
-from model.temporal import Frames, zero_
+from model.nets.temporal import Frames, zero_
 
 # Keys of SD's configs that change nothing here (precision, image size, legacy defaults).
 _IGNORED_SD_PARAMS = {"image_size", "use_fp16", "use_bf16", "legacy", "use_spatial_transformer"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.tiny_trainers import align_scale_shift, standardise
+from model.encoders.structure import align_scale_shift, standardise
 
 
 def _check_frames(frames: torch.Tensor, min_frames: int = 1) -> None:

@@ -105,7 +105,7 @@ def prepacked_weights(module: nn.Module) -> Iterator[int]:
 
     Inference only: the plain weights are set aside (emptied, so memory is not doubled) and
     restored exactly on exit, so do not save, train or move ``module`` inside the context.
-    Modules with a ``fuse_qkv`` switch (``model.attention.Attention``) read their plain
+    Modules with a ``fuse_qkv`` switch (``model.nets.attention.Attention``) read their plain
     q, k, v weights, so it is off for the duration.
     """
     if not available():

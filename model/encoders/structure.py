@@ -86,3 +86,23 @@ def clip_structure(
     small = resize_depth(depth.flatten(0, 1).float(), tuple(latent_size))
     structure = normalize_clip(small.view(b, f, 1, *small.shape[-2:]))
     return blur_structure(structure, t_s)
+
+
+def align_scale_shift(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``s * prediction + t`` per image ``(N, H, W)``, with the least-squares fit of ``s, t``
+    to ``target`` (MiDaS's alignment); a constant prediction gets ``s = 0, t = mean``."""
+    p, y = prediction.flatten(1), target.flatten(1)
+    p_mean, y_mean = p.mean(1, keepdim=True), y.mean(1, keepdim=True)
+    p_c = p - p_mean  # centred: no cancellation between large sums
+    variance = p_c.square().mean(1)
+    fit = variance > 1e-10 * p.square().mean(1) + 1e-20
+    scale = torch.where(fit, (p_c * (y - y_mean)).mean(1) / variance.clamp_min(1e-20), 0.0)
+    shift = y_mean[:, 0] - scale * p_mean[:, 0]
+    return prediction * scale[:, None, None] + shift[:, None, None]
+
+
+def standardise(depth: torch.Tensor) -> torch.Tensor:
+    """Each image ``(N, H, W)`` shifted and scaled to zero mean and unit std."""
+    flat = depth.flatten(1)
+    mean, std = flat.mean(1), flat.std(1).clamp_min(1e-6)
+    return (depth - mean[:, None, None]) / std[:, None, None]

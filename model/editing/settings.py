@@ -1,0 +1,87 @@
+"""The settings of one edit: what they are, where they come from, and their checks.
+
+``EditSettings`` holds the sampling settings (``configs/infer.yaml`` documents each);
+``check_settings`` refuses an out-of-range value in one line before any compute.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+
+import torch
+
+from model.diffusion.samplers import resolve_sampler
+from model.diffusion.windows import window_slices
+from model.nets.temporal import TemporalAttention
+
+
+@dataclass
+class EditSettings:
+    """Sampling settings of one edit (see ``configs/infer.yaml`` for their meaning)."""
+
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    schedule: str | None = None  # None: the sampler's default (karras; leading for ddim)
+    t_s: int = 3
+    w: float = 7.5
+    w_t: float = 1.0
+    strength: float = 1.0
+    noise_correlation: float = 0.0  # share of the initial noise common to all frames (0..1)
+    eta: float | None = None  # stochastic samplers only; None keeps the sampler's default
+    window_length: int = 8
+    window_overlap: int = 2
+    chunk_size: int = 8  # frames per VAE / depth call
+    keep_unmasked_pixels: bool = True  # paste source pixels outside the mask after decoding
+    prepack: bool = True  # fp32 on the CPU: weights prepacked for oneDNN (model.weights.prepack)
+
+
+def settings_from_config(config: Mapping, **overrides) -> EditSettings:
+    """The :class:`EditSettings` of an ``infer.py`` / ``eval.py`` config: its keys named as the
+    fields, ``window.length`` / ``window.overlap``, then ``overrides``; absent keys keep the
+    defaults."""
+    values = {f.name: config[f.name] for f in fields(EditSettings) if f.name in config}
+    window = config.get("window") or {}
+    for key in ("length", "overlap"):
+        if key in window:
+            values[f"window_{key}"] = window[key]
+    return EditSettings(**{**values, **overrides})
+
+
+def temporal_frame_limit(unet: torch.nn.Module) -> int | None:
+    """The most frames the UNet's temporal attention takes (its position table), if it has any."""
+    limits = [m.max_frames for m in unet.modules() if isinstance(m, TemporalAttention)]
+    return min(limits) if limits else None
+
+
+def sampler_kwargs(sampler: Callable, eta: float | None, generator) -> dict:
+    params = inspect.signature(sampler).parameters
+    kwargs = {"generator": generator} if "generator" in params else {}
+    if eta is not None:
+        if "eta" not in params:
+            raise ValueError(f"sampler {sampler.__name__} is deterministic: it takes no eta")
+        kwargs["eta"] = eta
+    return kwargs
+
+
+def check_settings(settings: EditSettings, max_frames: int | None = None) -> None:
+    """Raise ValueError naming the first setting that is out of range."""
+    if settings.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {settings.steps}")
+    if settings.t_s < 0:
+        raise ValueError(f"t_s must be >= 0, got {settings.t_s}")
+    if not 0.0 <= settings.strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
+    if not 0.0 <= settings.noise_correlation <= 1.0:
+        raise ValueError(f"noise_correlation must be in [0, 1], got {settings.noise_correlation}")
+    if settings.chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {settings.chunk_size}")
+    window_slices(1, settings.window_length, settings.window_overlap)
+    if max_frames is not None and settings.window_length > max_frames:
+        raise ValueError(
+            f"window length {settings.window_length} exceeds the {max_frames} frames the "
+            "model's temporal attention takes (unet.temporal_max_frames)"
+        )
+    sampler, _ = resolve_sampler(settings.sampler, settings.schedule)
+    sampler_kwargs(sampler, settings.eta, None)  # eta only for the stochastic samplers
