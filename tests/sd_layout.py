@@ -9,7 +9,7 @@ import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference"
+REFERENCE = ROOT / "tests" / "data" / "reference"  # key layouts of public checkpoint formats
 
 
 def config(group: str, name: str) -> dict:
@@ -20,10 +20,14 @@ def config(group: str, name: str) -> dict:
 
 
 def reference_keys(name: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a reference layout in ``shared/reference/<name>.keys.tsv``."""
+    """Key -> shape of a reference layout in ``tests/data/reference/<name>.keys.tsv``
+    (``scalar`` for 0-d tensors)."""
     rows = (REFERENCE / f"{name}.keys.tsv").read_text().splitlines()
-    pairs = (row.split("\t") for row in rows if row and not row.startswith("#"))
-    return {key: tuple(int(n) for n in shape.split("x")) for key, shape in pairs}
+    pairs = (row.split("\t") for row in rows if row.strip() and not row.startswith("#"))
+    return {
+        key: () if shape == "scalar" else tuple(int(n) for n in shape.split("x"))
+        for key, shape in pairs
+    }
 
 
 def shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

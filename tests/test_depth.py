@@ -20,21 +20,15 @@ from model.encoders.depth import (
     load_midas,
     midas_input_size,
 )
+from tests.sd_layout import reference_keys
 
-REFERENCE = Path("/work/shared/reference")
 OFFICIAL = ["dpt_large_384", "dpt_hybrid_384", "midas_v21_small_256"]
 PARAMS_M = {"dpt_large_384": 344.06, "dpt_hybrid_384": 123.15, "midas_v21_small_256": 21.39}
 
 
 def reference_layout(name: str) -> dict[str, tuple[int, ...]]:
     """key -> shape from the reference list of an official MiDaS checkpoint."""
-    layout = {}
-    for line in (REFERENCE / f"midas_{name}.keys.tsv").read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        layout[key] = () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))
-    return layout
+    return reference_keys(f"midas_{name}")
 
 
 def meta_model(name: str) -> nn.Module:

@@ -111,3 +111,20 @@ def test_modules_are_small_and_open_with_a_docstring():
         if text.strip() and not ast.get_docstring(ast.parse(text)):
             problems.append(f"{path.relative_to(ROOT)}: no module docstring")
     assert not problems, "\n".join(problems)
+
+
+def test_nothing_reads_outside_the_repository():
+    """A user's clone has no ``../shared`` beside it: code, configs and build files name only
+    paths inside the repository."""
+    patterns = ("../shared", "/work/", '"shared"', "'shared'")
+    checked = [*source_files(), *(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").glob("*.py")]
+    checked += [*(ROOT / "configs").rglob("*.yaml"), ROOT / "Makefile", ROOT / "pyproject.toml"]
+    checked += [*(ROOT / ".ci").iterdir()]
+    problems = [
+        f"{path.relative_to(ROOT)}: {pattern}"
+        for path in checked
+        if path != Path(__file__)
+        for pattern in patterns
+        if pattern in path.read_text()
+    ]
+    assert not problems, "\n".join(problems)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.weights import prepack
 from model.nets.attention import Attention
 from model.nets.unet import UNet
+from model.weights import prepack
 from model.weights.prepack import prepacked_weights
 from tests.sd_layout import config
 
