@@ -1,10 +1,15 @@
 """Release files: EMA UNet + frozen parts in fp16 with the config as JSON; loading never
 unpickles or builds a class named in a file; a release and its checkpoint give one model."""
 
+import collections
+import dataclasses
 import hashlib
 import json
+import os
+import pathlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -14,7 +19,7 @@ from safetensors.torch import save_file
 
 import release as release_cli
 from model.training.loading import load_gen1, release_from_checkpoint
-from model.weights.checkpoint import CheckpointError
+from model.weights.checkpoint import CheckpointError, read_state_dict
 from model.weights.release import (
     CONFIG_KEY,
     FORMAT,
@@ -135,17 +140,64 @@ def test_a_release_naming_a_class_is_refused_and_nothing_is_built(release, tmp_p
         load_gen1(plain)
 
 
-def test_objects_pickled_in_a_training_checkpoint_are_never_built(checkpoint, tmp_path):
+@dataclasses.dataclass
+class CallbackState:
+    """A dataclass a callback might keep in a checkpoint."""
+
+    best: float = 0.5
+    where: pathlib.Path = pathlib.Path("/runs/best.ckpt")
+
+
+class ReducedWithArgs(Tripwire):
+    """An object whose ``__reduce__`` passes constructor arguments."""
+
+    def __reduce__(self):
+        return (ReducedWithArgs, (1, "two", [3.0]), {"state": 4})
+
+
+class RunsCode:
+    """What a malicious file pickles: a call to os.system on load."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_objects_pickled_in_a_training_checkpoint_load_as_placeholders(checkpoint, tmp_path):
     data = torch.load(checkpoint, weights_only=True)
-    data["callbacks"] = {"Tripwire": Tripwire()}
+    data["callbacks"] = {
+        "Tripwire": Tripwire(),
+        "EarlyStopping": {"best_score": np.float64(0.25), "wait": np.int64(3)},
+        "arrays": np.arange(4.0),
+        "paths": [pathlib.PosixPath("a/b"), pathlib.Path("c")],
+        "state": CallbackState(),
+        "reduced": ReducedWithArgs(),
+        "counts": collections.defaultdict(list, {"a": [1]}),
+    }
     before = Tripwire.built
-    tricked = tmp_path / "tricked.ckpt"
+    tricked = tmp_path / "epoch=3-step=400.ckpt"
     torch.save(data, tricked)
     state, hparams = read_training_checkpoint(tricked)
-    assert Tripwire.built == before
+    assert Tripwire.built == before  # nothing of the file's classes was built
     assert hparams["unet"]["in_channels"] == 5 and "unet.out.2.weight" in state
+    assert release_cli.main([str(tricked), str(tmp_path / "r.safetensors")]) == 0
+    assert load_gen1(tricked).unet is not None and Tripwire.built == before
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         read_training_checkpoint(ROOT / "pyproject.toml")
+
+
+def test_a_checkpoint_that_calls_code_is_refused_naming_it_and_nothing_runs(checkpoint, tmp_path):
+    marker = tmp_path / "ran"
+    data = torch.load(checkpoint, weights_only=True)
+    data["callbacks"] = {"x": RunsCode(marker)}
+    evil = tmp_path / "evil.ckpt"
+    torch.save(data, evil)
+    for read in (read_training_checkpoint, read_state_dict):
+        with pytest.raises(CheckpointError, match=r"evil.ckpt: .*(posix|os)\.system"):
+            read(evil)
+    assert not marker.exists()
 
 
 def test_release_cli_prints_the_sha256_of_what_it_wrote(checkpoint, tmp_path, capsys):

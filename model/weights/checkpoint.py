@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from model.weights.pickles import UnsafePickleError, load_data_only
+
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
@@ -57,18 +59,11 @@ def _sample(keys: Iterable[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-class _Ignored:
-    """Stands in for a non-tensor object pickled in a checkpoint (callbacks, configs)."""
-
-    def __setstate__(self, state: object) -> None:
-        pass
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a ``.safetensors`` or torch checkpoint file, unwrapped from ``state_dict``.
 
     Non-tensor objects in a torch checkpoint (Lightning callbacks, hyper-parameters) are
-    read as inert placeholders, never as the classes they name.
+    read as inert placeholders, never as the classes they name (``model.weights.pickles``).
     """
     path = Path(path)
     if not path.is_file():
@@ -76,10 +71,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        stand_ins = [(type(name.rsplit(".", 1)[-1], (_Ignored,), {}), name) for name in names]
-        with torch.serialization.safe_globals(stand_ins):
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = load_data_only(path)
+    except UnsafePickleError as err:
+        raise CheckpointError(f"{path}: {err}") from err
     except Exception as err:  # torch, pickle, zip and safetensors each raise their own kind
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):

@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from model.weights.atomic import file_sha256, save_safetensors
 from model.weights.checkpoint import CheckpointError
+from model.weights.pickles import UnsafePickleError, load_data_only
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +83,19 @@ def inference_config(hparams: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-class _Inert:
-    """Stands in for any non-plain object pickled in a training checkpoint; holds nothing."""
-
-    def __setstate__(self, state: object) -> None:
-        pass
-
-
 def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, hyper_parameters)`` of a Lightning checkpoint of ``Gen1``.
 
-    Read with ``torch.load(weights_only=True)``; globals outside torch's safe list (none in
-    the checkpoints Lightning writes for this module) are read as inert stand-ins.
+    Read as data only (``model.weights.pickles``): objects of classes outside torch's safe
+    list (callback states, numpy scalars, paths) become inert placeholders.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in names]
-        with torch.serialization.safe_globals(stand_ins):
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = load_data_only(path)
+    except UnsafePickleError as err:
+        raise CheckpointError(f"{path}: {err}") from err
     except Exception as err:  # zip, pickle and torch errors alike: not a checkpoint we can read
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
     if not isinstance(data, Mapping) or not isinstance(data.get("state_dict"), Mapping):
