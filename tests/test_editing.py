@@ -10,7 +10,7 @@ from model.diffusion.windows import WindowedDenoiser, taper_weights, window_slic
 from model.editing.content import image_content, text_content
 from model.editing.pipeline import decode_latents, edit_video, encode_frames, video_depth
 from model.editing.precision import autocast, cast_for_inference
-from model.editing.settings import EditSettings, settings_from_config
+from model.editing.settings import EditSettings, check_settings, settings_from_config
 from model.training.gen1 import build_depth
 from tests.sd_layout import ROOT
 from train import build_model
@@ -201,6 +201,15 @@ def test_noise_correlation_one_edits_a_still_clip_to_equal_frames(gen1):
     assert (out[1:] - out[:1]).abs().amax() > 1e-2
     with pytest.raises(ValueError, match="noise_correlation must be in"):
         run(gen1, frames, depth, noise_correlation=1.5)
+
+
+def test_out_of_range_guidance_is_refused_and_steps_run_are_reported(gen1):
+    frames, depth = video(2)
+    for key, value in (("w_t", -0.5), ("w", -1.0), ("eta", -0.1)):
+        with pytest.raises(ValueError, match=f"{key}.* must be >= 0"):
+            check_settings(EditSettings(**{key: value}))
+    assert run(gen1, frames, depth, steps=4, strength=0.1).steps_run == 1
+    assert run(gen1, frames, depth, steps=4).steps_run == 4
 
 
 def test_prepacked_cpu_edit_matches_the_plain_one(temporal_gen1):

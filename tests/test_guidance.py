@@ -4,7 +4,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from model.diffusion.guidance import Gen1Guidance, MaskedDenoiser, sample, sdedit_start
+from model.diffusion.guidance import (
+    Gen1Guidance,
+    MaskedDenoiser,
+    sample,
+    sdedit_start,
+    sdedit_steps,
+)
 from model.diffusion.samplers import SAMPLERS, DiscreteDenoiser, get_sigmas
 from model.diffusion.schedule import DiscreteSchedule, append_dims
 
@@ -228,3 +234,33 @@ def test_sample_strength_steps_and_callback():
     assert torch.isfinite(fresh).all() and fresh.shape == x.shape
     with pytest.raises(ValueError, match="source"):
         sample(SAMPLERS["euler"], denoiser, noise, sigmas, mask=torch.ones_like(x), **common)
+
+
+def test_any_strength_above_zero_runs_at_least_one_step():
+    """strength x steps rounded down (diffusers' img2img), but never 0 for strength > 0: 4 steps
+    at strength 0.1 ran nothing and returned the input unchanged."""
+    assert [sdedit_steps(4, s) for s in (0.0, 0.01, 0.1, 0.25, 0.5, 0.74, 1.0)] == [
+        0,
+        1,
+        1,
+        1,
+        2,
+        2,
+        4,
+    ]
+    assert sdedit_steps(20, 0.6) == 12 and sdedit_steps(1, 1e-6) == 1
+    denoiser = DiscreteDenoiser(toy_unet(), SCHEDULE, "eps")
+    x, _, cond, _ = inputs(8)
+    steps = []
+    out = sample(
+        SAMPLERS["euler"],
+        denoiser,
+        torch.randn_like(x),
+        get_sigmas("karras", 4, SCHEDULE),
+        source=x,
+        strength=0.1,
+        callback=steps.append,
+        extra_args={**cond, "temporal": torch.ones(B, dtype=torch.bool)},
+        disable=True,
+    )
+    assert len(steps) == 1 and not torch.equal(out, x)

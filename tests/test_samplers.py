@@ -21,6 +21,7 @@ from model.diffusion.samplers import (
     sample_ddim,
     sample_dpmpp_2m,
     sample_heun,
+    sampler_names,
 )
 from model.diffusion.schedule import DiscreteSchedule, append_dims
 
@@ -285,11 +286,38 @@ def test_registry_names():
     assert set(SAMPLERS) == {"ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde"}
     assert resolve_sampler("dpmpp_2m_karras") == (sample_dpmpp_2m, "karras")
     assert resolve_sampler("dpmpp_2m", "exponential") == (sample_dpmpp_2m, "exponential")
-    assert resolve_sampler("ddim") == (sample_ddim, "leading")
-    assert resolve_sampler("ddim_trailing") == (sample_ddim, "trailing")
+    assert resolve_sampler("ddim") == (sample_ddim, "trailing")
+    assert resolve_sampler("ddim_leading") == (sample_ddim, "leading")
     assert resolve_sampler("euler_ancestral")[1] == "karras"
     assert get_sampler("sample_heun") is sample_heun
-    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+    with pytest.raises(ValueError, match="unknown sampler 'plms'") as error:
         get_sampler("plms")
+    listed = str(error.value)
+    for name in ("dpmpp_2m_karras", "euler_a", "ddim_trailing", "dpmpp_2m_sde_exponential"):
+        assert name in listed
+    for name in sampler_names():
+        resolve_sampler(name)  # every listed name is accepted
     with pytest.raises(ValueError, match="unknown sigma schedule"):
         resolve_sampler("euler", "cosine")
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_every_sampler_gives_an_image_at_one_to_three_steps(name, steps):
+    """Data ~ N(0.5, 0.1^2) per pixel, denoised by its exact posterior mean (eps model): every
+    sampler at its default schedule ends near the data, not at the starting noise (which is what
+    DDIM's "leading" spacing gave: one step starts at t = 1 and denoises nothing)."""
+    mu, s2 = 0.5, 0.1**2
+
+    def model(x_t, t):  # the exact eps of x_t = sqrt(a) x0 + sqrt(1 - a) eps, x0 ~ N(mu, s2)
+        a = append_dims(SCHEDULE.alphas_cumprod[t], x_t.ndim)
+        x0 = mu + s2 * a.sqrt() * (x_t - a.sqrt() * mu) / (a * s2 + 1 - a)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    sampler, schedule = resolve_sampler(name)
+    sigmas = get_sigmas(schedule, steps, SCHEDULE)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=gen) * (1 + sigmas[0] ** 2).sqrt()
+    kwargs = {"generator": gen} if "generator" in sampler.__code__.co_varnames else {}
+    out = sampler(DiscreteDenoiser(model, SCHEDULE), x, sigmas, disable=True, **kwargs)
+    assert abs(out.mean() - mu) < 0.05 and out.std() < 0.3, (out.mean(), out.std())

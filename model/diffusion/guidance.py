@@ -102,19 +102,27 @@ class MaskedDenoiser:
         return self.mask * denoised + (1 - self.mask) * self.source
 
 
+def sdedit_steps(num_steps: int, strength: float) -> int:
+    """How many of ``num_steps`` steps an SDEdit start at ``strength`` runs: ``strength`` times
+    the steps, rounded down as diffusers' img2img does, but at least one whenever
+    ``strength > 0`` (diffusers and A1111 run none for, e.g., 4 steps at strength 0.1)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if strength == 0.0:
+        return 0
+    return min(num_steps, max(1, int(strength * num_steps)))
+
+
 def sdedit_start(
     source: torch.Tensor, sigmas: torch.Tensor, strength: float, noise: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDEdit (Meng et al. 2022): keep the last ``round(strength * n)`` of ``n`` steps and start
-    from the source latents noised to the first kept sigma. Returns ``(x, sigmas)``.
+    """SDEdit (Meng et al. 2022): keep the last ``sdedit_steps(n, strength)`` of the ``n`` steps
+    and start from the source latents noised to the first kept sigma. Returns ``(x, sigmas)``.
 
     strength 1 starts at sigma_max (almost pure noise); strength 0 returns the source unchanged.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
     n = len(sigmas) - 1
-    kept = min(int(strength * n), n)  # diffusers' img2img rounds down the same way
-    sigmas = sigmas[n - kept :]
+    sigmas = sigmas[n - sdedit_steps(n, strength) :]
     return source + sigmas[0] * noise, sigmas
 
 

@@ -203,11 +203,19 @@ def sample_euler_ancestral(
     return x
 
 
+HEUN_MAX_RATIO = 10.0  # longest step (sigma / sigma_next) that Heun corrects
+
+
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, extra_args=None, callback=None, disable=None):
     """Heun's second-order method on the probability-flow ODE (Euler on the last step).
 
-    Karras et al. 2022, algorithm 1 (without churn).
+    Karras et al. 2022, algorithm 1 (without churn). A step across more than a decade of
+    sigma (``sigma / sigma_next > HEUN_MAX_RATIO``, only at a handful of steps: 2-4 with the
+    Karras schedule) is taken as Euler: the trapezoidal correction averages the slopes at both
+    ends, which differ by orders of magnitude there, and overshoots (at 2 steps the output is
+    decoded noise, 60x the data's spread on a Gaussian test). The same reasoning as DPM-Solver's
+    lower-order final steps; k-diffusion's heun is unchanged wherever no step is that long.
     """
     extra_args = extra_args or {}
     s_in = x.new_ones(x.shape[0])
@@ -216,7 +224,7 @@ def sample_heun(denoiser, x, sigmas, extra_args=None, callback=None, disable=Non
         denoised = denoiser(x, sigma * s_in, **extra_args)
         _report(callback, x, i, sigma, denoised)
         d = (x - denoised) / sigma
-        if sigma_next == 0:
+        if sigma_next == 0 or sigma > HEUN_MAX_RATIO * sigma_next:
             x = x + d * (sigma_next - sigma)
             continue
         x_euler = x + d * (sigma_next - sigma)
@@ -341,15 +349,25 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim,
 }
 ALIASES = {"euler_ancestral": "euler_a", "k_euler": "euler", "k_euler_a": "euler_a"}
-# The sigma schedule a sampler gets when its name does not say one.
-DEFAULT_SCHEDULES = {name: "karras" for name in SAMPLERS} | {"ddim": "leading"}
+# The sigma schedule a sampler gets when its name does not say one. DDIM takes "trailing"
+# spacing, which starts at the last trained timestep at any step count (Lin et al. 2024,
+# "Common Diffusion Noise Schedules and Sample Steps are Flawed"): SD's "leading" spacing
+# starts at t = 1 for one step and at t = 501 for two, so few-step samples stay noise.
+DEFAULT_SCHEDULES = {name: "karras" for name in SAMPLERS} | {"ddim": "trailing"}
+
+
+def sampler_names() -> list[str]:
+    """Every name ``resolve_sampler`` accepts: samplers, aliases, and each with a schedule
+    suffix (``dpmpp_2m_karras``, ``ddim_trailing``, ...)."""
+    bases = [*SAMPLERS, *ALIASES]
+    return bases + [f"{base}_{schedule}" for base in SAMPLERS for schedule in SCHEDULES]
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     """The sampler function for ``name`` ("ddim", "euler", "euler_a", "heun", "dpmpp_2m", ...)."""
     key = ALIASES.get(name, name.removeprefix("sample_"))
     if key not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
+        raise ValueError(f"unknown sampler {name!r}; accepted: {', '.join(sampler_names())}")
     return SAMPLERS[key]
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.diffusion.guidance import Gen1Guidance, sample
+from model.diffusion.guidance import Gen1Guidance, sample, sdedit_steps
 from model.diffusion.noise import frame_noise
 from model.diffusion.samplers import DiscreteDenoiser, get_sigmas, resolve_sampler
 from model.diffusion.windows import WindowedDenoiser, window_slices
@@ -37,6 +37,7 @@ class EditResult:
     depth: torch.Tensor | None  # (B, F, 1, H, W) normalised to [-1, 1] (for previews), CPU
     windows: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) of each
     window_calls: int = 0  # denoiser calls on windows, over all steps
+    steps_run: int = 0  # sampler steps actually run (fewer than ``steps`` when strength < 1)
 
 
 def _chunks(num_frames: int, size: int) -> list[slice]:
@@ -166,4 +167,5 @@ def edit_video(
         depth=normalize_clip(depth.float()) if depth is not None else None,
         windows=[(w.start, w.stop) for w in windows],
         window_calls=windowed.windows_seen,
+        steps_run=sdedit_steps(settings.steps, settings.strength),
     )

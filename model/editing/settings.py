@@ -23,7 +23,7 @@ class EditSettings:
 
     steps: int = 20
     sampler: str = "dpmpp_2m"
-    schedule: str | None = None  # None: the sampler's default (karras; leading for ddim)
+    schedule: str | None = None  # None: the sampler's default (karras; trailing for ddim)
     t_s: int = 3
     w: float = 7.5
     w_t: float = 1.0
@@ -71,6 +71,15 @@ def check_settings(settings: EditSettings, max_frames: int | None = None) -> Non
         raise ValueError(f"steps must be >= 1, got {settings.steps}")
     if settings.t_s < 0:
         raise ValueError(f"t_s must be >= 0, got {settings.t_s}")
+    if settings.w < 0:
+        raise ValueError(f"w (content guidance) must be >= 0, got {settings.w}")
+    if settings.w_t < 0:
+        raise ValueError(
+            f"w_t (temporal guidance) must be >= 0, got {settings.w_t}: 0 is the image model "
+            "frame by frame, 1 the video model, more smooths further"
+        )
+    if settings.eta is not None and settings.eta < 0:
+        raise ValueError(f"eta must be >= 0, got {settings.eta}")
     if not 0.0 <= settings.strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
     if not 0.0 <= settings.noise_correlation <= 1.0:
