@@ -1,0 +1,1 @@
+"""Conditioning encoders loaded from Stable Diffusion checkpoints' own keys."""
