@@ -19,7 +19,6 @@ HORIZON, ZENITH = (0.85, 0.88, 0.92), (0.35, 0.55, 0.90)
 AMBIENT = 0.45
 
 
-
 @dataclass
 class Render:
     """A rendered clip with its exact geometry."""
@@ -29,7 +28,6 @@ class Render:
     flow: torch.Tensor  # (F - 1, 2, H, W): forward motion (dx, dy) in pixels
     surface: torch.Tensor  # (F, H, W) int64: -1 sky, 0 floor, k for body k - 1
     focal: float  # focal length in pixels (principal point at the image centre)
-
 
 
 def render(scene: Scene, num_frames: int, size: tuple[int, int]) -> Render:
@@ -119,7 +117,6 @@ def render(scene: Scene, num_frames: int, size: tuple[int, int]) -> Render:
     )
 
 
-
 def _screen_window(
     body: Body,
     body_origin: torch.Tensor,
@@ -153,7 +150,6 @@ def _screen_window(
     if left >= right_edge or top >= bottom:
         return None
     return top, bottom, left, right_edge
-
 
 
 def _intersect(
@@ -202,7 +198,6 @@ def _intersect(
     return torch.minimum(side, top)
 
 
-
 def _local_normal(body: Body, point: torch.Tensor) -> torch.Tensor:
     """Outward unit normal at surface points (N, 3) given in the body's local frame."""
     if body.shape == "sphere":
@@ -214,7 +209,6 @@ def _local_normal(body: Body, point: torch.Tensor) -> torch.Tensor:
     side = point * torch.tensor([1.0, 0.0, 1.0]) / body.dims[0]
     on_top = (point[..., 1:2] >= body.dims[1] - 1e-4).float()
     return side * (1 - on_top) + torch.tensor([0.0, 1.0, 0.0]) * on_top
-
 
 
 def _pattern(material: Material, coords: torch.Tensor, footprint: torch.Tensor) -> torch.Tensor:
@@ -240,7 +234,6 @@ def _pattern(material: Material, coords: torch.Tensor, footprint: torch.Tensor) 
         off_centre = (cell - cell.round()).norm(dim=-1)
         soft_sign = torch.tanh((0.3 - off_centre) * 2 * math.pi / blur)
     return 0.5 + 0.5 * soft_sign
-
 
 
 def _albedo(material: Material, coverage: torch.Tensor) -> torch.Tensor:

@@ -30,17 +30,13 @@ COLOURS = {
 }
 
 
-
 PATTERNS = ("plain", "striped", "checkered", "dotted")
-
 
 
 SHAPES = ("sphere", "box", "cylinder")
 
 
-
 SPLIT_OFFSETS = {"train": 0, "val": 10**8, "test": 2 * 10**8}
-
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,6 @@ class Material:
         luminance = float(base @ torch.tensor([0.3, 0.59, 0.11]))
         second = torch.full((3,), 0.95) if luminance < 0.6 else base * 0.25
         return base, second
-
 
 
 @dataclass(frozen=True)
@@ -114,7 +109,6 @@ class Body:
         return math.hypot(self.dims[0], self.dims[2]) if self.shape == "box" else self.dims[0]
 
 
-
 @dataclass(frozen=True)
 class CameraPath:
     """A pinhole camera at fixed height and pitch, translating and yawing at constant rates."""
@@ -147,7 +141,6 @@ class CameraPath:
         return position, right, up, forward
 
 
-
 @dataclass(frozen=True)
 class Scene:
     """Everything that decides a clip: camera path, floor, bodies, light direction."""
@@ -171,10 +164,8 @@ class Scene:
         return f"{listed} on {floor}"
 
 
-
 def _with_article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
-
 
 
 def sample_scene(
@@ -228,7 +219,6 @@ def sample_scene(
     return Scene(camera, floor, tuple(bodies), light)
 
 
-
 def _sample_body(
     rng: np.random.Generator, camera: CameraPath, colours: list[str], speed: float
 ) -> Body:
@@ -259,7 +249,6 @@ def _sample_body(
         rng.uniform(0, 2 * math.pi),
         spin,
     )
-
 
 
 def _min_distance(a: np.ndarray, b: np.ndarray) -> float:
