@@ -38,7 +38,7 @@ def tiny_gen1(device: str):
     """The tiny Gen-1 (configs/model/tiny.yaml), random weights, no EMA copy, eval mode."""
     from hydra import compose, initialize_config_dir
 
-    from train import build_model
+    from jobs.training import build_model
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["run_dir=unused", "model.ema_decay=null"])

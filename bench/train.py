@@ -52,7 +52,7 @@ def build(size: str, device: str):
 
     from data.datamodule import collate_samples
     from data.synthetic import SyntheticWorldDataset
-    from train import build_model
+    from jobs.training import build_model
 
     overrides, batch, frames, side = SIZES[size]
     root = Path(__file__).resolve().parents[1]

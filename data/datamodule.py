@@ -10,15 +10,16 @@ rank (set ``Trainer(use_distributed_sampler=False)``).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 OPTIONAL_TENSORS = ("depth", "flow", "latent_mean", "latent_logvar", "content")
 
@@ -49,7 +50,7 @@ def collate_samples(samples: list[dict]) -> dict:
 
 
 class JointBatchSampler:
-    """An endless stream of index batches into ``ConcatDataset([videos, images])``, each of
+    """An endless stream of index batches into ``JointDataset([videos, images])``, each of
     one kind, where batch ``k`` depends only on (seed, k).
 
     The stream is cut into epochs: an epoch covers the clips once
@@ -59,6 +60,9 @@ class JointBatchSampler:
     its own slice, so all ranks see the same kind at a step. Iteration starts at
     ``start_step``: a resumed run continues the stream exactly where it stopped, whatever
     the trainer's notion of epochs (the stream has no length; training is bounded by steps).
+    With ``with_seeds`` each index comes as ``(index, (seed, step, place))``: the seed of that
+    sample's own randomness (clip start, crop), a function of the run's seed, the step and the
+    sample's place in the global batch alone.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class JointBatchSampler:
         num_replicas: int = 1,
         rank: int = 0,
         start_step: int = 0,
+        with_seeds: bool = False,
     ) -> None:
         if not 0.0 <= image_ratio <= 1.0:
             raise ValueError(f"image_ratio must be in [0, 1], got {image_ratio}")
@@ -80,7 +85,7 @@ class JointBatchSampler:
             raise ValueError(f"bad batch_size {batch_size} or rank {rank} of {num_replicas}")
         self.num_videos, self.num_images, self.batch_size = num_videos, num_images, batch_size
         self.image_ratio, self.seed, self.start_step = image_ratio, seed, start_step
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.with_seeds = num_replicas, rank, with_seeds
         global_batch = batch_size * num_replicas
         if image_ratio == 1.0:
             self.video_steps, self.image_steps = 0, num_images // global_batch
@@ -97,23 +102,50 @@ class JointBatchSampler:
     def steps_per_epoch(self) -> int:
         return self.video_steps + self.image_steps
 
-    def epoch_batches(self, epoch: int) -> Iterator[list[int]]:
+    def epoch_batches(self, epoch: int) -> Iterator[list]:
         """This rank's batches of one epoch of the stream."""
         rng = np.random.default_rng([self.seed, epoch])
         kinds = rng.permutation([0] * self.video_steps + [1] * self.image_steps)
         streams = [_permutations(rng, self.num_videos), _permutations(rng, self.num_images)]
         offsets = [0, self.num_videos]
         global_batch = self.batch_size * self.num_replicas
-        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        for kind in kinds:
+        first = self.rank * self.batch_size
+        for step, kind in enumerate(kinds):
             indices = [next(streams[kind]) + offsets[kind] for _ in range(global_batch)]
-            yield indices[mine]
+            mine = indices[first : first + self.batch_size]
+            if self.with_seeds:
+                k = epoch * self.steps_per_epoch + step
+                yield [(i, (self.seed, k, first + j)) for j, i in enumerate(mine)]
+            else:
+                yield mine
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         epoch, skip = divmod(self.start_step, self.steps_per_epoch)
         while True:
             yield from itertools.islice(self.epoch_batches(epoch), skip, None)
             epoch, skip = epoch + 1, 0
+
+
+class JointDataset(Dataset):
+    """Datasets one after the other (as ``ConcatDataset``), indexed by ``JointBatchSampler``'s
+    ``(index, seed)`` keys: a dataset with ``getitem_seeded(index, seed)`` draws its sample's
+    randomness from that seed; others are indexed plainly."""
+
+    def __init__(self, parts: Sequence[Dataset]) -> None:
+        self.parts = list(parts)
+        self.ends = list(itertools.accumulate(len(p) for p in self.parts))
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, key: int | tuple[int, Sequence[int]]) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        part = bisect.bisect_right(self.ends, index)
+        local = index - (self.ends[part - 1] if part else 0)
+        draw = getattr(self.parts[part], "getitem_seeded", None)
+        return draw(local, seed) if draw is not None else self.parts[part][local]
 
 
 def _permutations(rng: np.random.Generator, size: int) -> Iterator[int]:
@@ -189,9 +221,10 @@ class VideoDataModule(pl.LightningDataModule):
             num_replicas=num_replicas,
             rank=rank,
             start_step=self._start_step(),
+            with_seeds=True,
         )
         return DataLoader(
-            ConcatDataset(parts), batch_sampler=self.train_sampler, **self._loader_options()
+            JointDataset(parts), batch_sampler=self.train_sampler, **self._loader_options()
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -144,6 +144,10 @@ class SkipLog:
 class _MediaDataset(Dataset):
     """Entries plus skip-and-replace logic; subclasses implement ``load``."""
 
+    carries_depth = (
+        False  # samples hold 'depth' (none: MiDaS must make it); jobs.training checks it
+    )
+
     train = False  # subclasses: True draws random starts and crops
 
     def __init__(self, root: str | None, manifest: str | None, extensions: Sequence[str]):
@@ -164,26 +168,37 @@ class _MediaDataset(Dataset):
     def load(self, entry: MediaEntry, rng: np.random.Generator | None) -> dict:
         raise NotImplementedError
 
-    def random_generator(self) -> np.random.Generator | None:
-        """A generator seeded from torch's (per-worker seeded) RNG in training, else None."""
+    def random_generator(
+        self, seed: Sequence[int] | None, position: int
+    ) -> np.random.Generator | None:
+        """The randomness of reading entry ``position``: None outside training; in training a
+        generator of (``seed``, ``position``), where ``seed`` is the sampler's (run seed, step,
+        place in the batch), so a resumed run draws the same clip starts and crops as an
+        uninterrupted one; without a seed, a draw from torch's (per-worker) RNG."""
         if not self.train:
             return None
-        return np.random.default_rng(int(torch.randint(0, 2**62, ())))
+        if seed is None:
+            return np.random.default_rng(int(torch.randint(0, 2**62, ())))
+        return np.random.default_rng([*seed, position])
 
-    def __getitem__(self, index: int) -> dict:
-        rng = self.random_generator()
+    def getitem_seeded(self, index: int, seed: Sequence[int] | None) -> dict:
+        """Sample ``index`` (or, if its file cannot be read, the next readable entry), its
+        randomness drawn from ``seed`` (see ``random_generator``)."""
         for offset in range(len(self.entries)):
             position = (index + offset) % len(self.entries)
             if self.skips.is_skipped(position):
                 continue
             try:
-                return self.load(self.entries[position], rng)
+                return self.load(self.entries[position], self.random_generator(seed, position))
             except MediaReadError as err:
                 if self.skips.mark(position, err.reason):
                     warnings.warn(f"skipping {err}", SkippedMediaWarning, stacklevel=2)
         raise RuntimeError(
             f"none of the {len(self.entries)} files of {self.source} could be read: {self.skipped}"
         )
+
+    def __getitem__(self, index: int) -> dict:
+        return self.getitem_seeded(index, None)
 
 
 class VideoClipDataset(_MediaDataset):

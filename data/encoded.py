@@ -107,6 +107,8 @@ class EncodedClipDataset(Dataset):
     ``content`` (F, D), with ``caption``, ``key`` and ``is_video``.
     """
 
+    carries_depth = True  # samples hold 'depth' (cached MiDaS depth); jobs.training checks it
+
     def __init__(
         self,
         source: Any,

@@ -26,6 +26,8 @@ class SyntheticWorldDataset(Dataset):
     ``num_frames=1`` gives images (``is_video`` False) for joint image + video training.
     """
 
+    carries_depth = True  # samples hold 'depth' (exact inverse depth); jobs.training checks it
+
     def __init__(
         self,
         num_clips: int = 1000,

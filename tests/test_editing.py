@@ -5,6 +5,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from jobs.training import build_model
 from model.diffusion.noise import frame_noise
 from model.diffusion.windows import WindowedDenoiser, taper_weights, window_slices
 from model.editing.content import image_content, text_content
@@ -13,7 +14,6 @@ from model.editing.precision import autocast, cast_for_inference
 from model.editing.settings import EditSettings, check_settings, settings_from_config
 from model.training.gen1 import build_depth
 from tests.sd_layout import ROOT
-from train import build_model
 
 SIZE = 32
 FAST = {"steps": 2, "w": 3.0, "w_t": 1.0}

@@ -11,12 +11,12 @@ from hydra import compose, initialize_config_dir
 
 import eval as eval_cli
 from jobs.evaluation import clips, modes, reports, scoring, settings
+from jobs.training import build_model
 from model.encoders.prior import export_prior
 from model.training.loading import load_gen1
 from model.weights.release import inference_config, inference_state, write_release
 from tests.sd_layout import ROOT
 from tests.test_prior import small_prior
-from train import build_model
 
 FAST = ["num_clips=2", "num_frames=4", "steps=2", "w=3", "progress=false", "seed=5"]
 

@@ -17,6 +17,7 @@ import infer
 from data.captions import CaptionEmbeddingDataModule, CaptionEmbeddingDataset
 from data.io import write_video
 from data.synthetic import SyntheticWorldDataset
+from jobs.training import train
 from model.editing.content import text_content
 from model.encoders.clip import load_clip
 from model.encoders.prior import Prior, export_prior, load_prior, prior_function
@@ -24,7 +25,6 @@ from model.training.prior_training import evaluate_prior
 from model.weights.checkpoint import CheckpointError
 from release import export_component
 from tests.sd_layout import ROOT
-from train import train
 
 CLIP = {"model": "clip_tiny", "weights": str(ROOT / "bundle/tiny_world/clip_tiny.safetensors")}
 WORLD = {"_target_": "data.synthetic.SyntheticWorldDataset", "num_frames": 2, "size": 32}

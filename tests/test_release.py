@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import release as release_cli
+from jobs.training import build_model
 from model.training.loading import load_gen1, release_from_checkpoint
 from model.weights.checkpoint import CheckpointError, read_state_dict
 from model.weights.release import (
@@ -30,7 +31,6 @@ from model.weights.release import (
     sampling_default,
 )
 from tests.sd_layout import ROOT
-from train import build_model
 
 
 def write_training_checkpoint(path: Path) -> Path:

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
 from data.synthetic import SyntheticWorldDataset
+from jobs.training import train
 from model.encoders.clip import load_clip
 from model.encoders.depth import DepthEstimator, load_midas
 from model.encoders.structure import align_scale_shift
@@ -26,7 +27,6 @@ from model.training.components import (
 )
 from model.weights.checkpoint import load_sd_vae
 from tests.sd_layout import ROOT
-from train import train
 
 # A world of 32x32 frames with few clips, so a few dozen steps visibly fit it.
 QUIET = [

@@ -2,6 +2,7 @@
 bad videos are skipped, and DDP runs on two CPU processes."""
 
 import csv
+import itertools
 import os
 import subprocess
 import sys
@@ -12,9 +13,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from PIL import Image
 
+from data.datamodule import JointBatchSampler, JointDataset
+from data.datasets import VideoClipDataset
+from jobs.training import ConfigError, build_model, build_trainer, check_config, train
 from tests.sd_layout import ROOT
-from train import build_model, build_trainer, train
 
 # A very small world so that a few dozen steps take seconds on two CPU cores.
 SMALL = [
@@ -130,13 +134,107 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path):
     assert not torch.equal(first.unet.out[2].weight, straight.lightning_module.unet.out[2].weight)
 
 
+def image_folder(root: Path) -> Path:
+    """Four small PNG images of gradients."""
+    root.mkdir(parents=True, exist_ok=True)
+    ramp = np.linspace(0, 255, 40, dtype=np.float32)
+    for n in range(4):
+        pixels = np.stack([np.add.outer(ramp, ramp * n / 4) / 2] * 3, -1).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"image{n}.png")
+    return root
+
+
+REAL = [
+    "experiment=tiny",
+    "data.datamodule.train_dataset.size=32",
+    "data.datamodule.train_dataset.num_frames=2",
+    "data.datamodule.train_dataset.stride=1",
+    "data.datamodule.pin_memory=false",
+    "data.datamodule.batch_size=2",
+    "trainer.limit_val_batches=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "~callbacks.progress",
+    "callbacks.checkpoint.every_n_train_steps=3",
+]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        ["data=videos", "data.datamodule.num_workers=0"],
+        ["data=videos", "data.datamodule.num_workers=2"],
+        [
+            "data=images_and_videos",
+            "data.image_root={images}",
+            "data.datamodule.num_workers=0",
+            "data.datamodule.image_dataset.size=32",
+            "data.datamodule.image_ratio=0.5",
+        ],
+    ],
+    ids=["videos", "videos-2-workers", "images_and_videos"],
+)
+def test_resume_on_real_files_is_exact(tmp_path, video_folder, data):
+    """Clip starts and crops are drawn from (seed, step, sample): 3 + 3 steps equal 6 straight
+    on a folder of real clips (the crops of the resumed run used to repeat the first run's)."""
+    images = image_folder(tmp_path / "images")
+    data = [d.format(images=images) for d in data]
+    common = [*REAL, *data, f"data.root={video_folder}"]
+    straight = train(config(tmp_path / "a", *common, "trainer.max_steps=6")).lightning_module
+    train(config(tmp_path / "b", *common, "trainer.max_steps=3"))
+    resumed = train(config(tmp_path / "b", *common, "trainer.max_steps=6", "ckpt_path=last"))
+    a, b = straight.state_dict(), resumed.lightning_module.state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_batch_k_draws_the_same_crops_whatever_came_before(video_folder):
+    """The sampler hands every sample a seed of (seed, step, place); the dataset's random start
+    and crop come from it, not from the process's RNG state."""
+    dataset = VideoClipDataset(root=str(video_folder), num_frames=4, size=32, stride=1)
+    sampler = JointBatchSampler(len(dataset), 0, batch_size=2, seed=5, with_seeds=True)
+    later = JointBatchSampler(len(dataset), 0, batch_size=2, seed=5, with_seeds=True, start_step=3)
+    batches = list(itertools.islice(iter(sampler), 5))
+    assert list(itertools.islice(iter(later), 2)) == batches[3:5]
+    joint = JointDataset([dataset])
+    torch.manual_seed(0)
+    first = [joint[key]["key"] for key in batches[3]]
+    torch.manual_seed(123)  # another global RNG state: the same samples
+    assert [joint[key]["key"] for key in batches[3]] == first
+    assert len({joint[key]["key"] for batch in batches for key in batch}) > 2  # they do vary
+
+
+def test_configs_that_cannot_work_are_refused_before_any_work(tmp_path, video_folder):
+    no_depth = config(
+        tmp_path, "experiment=tiny", "data=videos", f"data.root={video_folder}", "model.depth=null"
+    )
+    with pytest.raises(ConfigError, match=r"model.depth is null.*carries no depth"):
+        check_config(no_depth)
+    with pytest.raises(ConfigError, match="exactly one of root= or manifest="):
+        check_config(config(tmp_path, "experiment=tiny", "data=videos"))
+    with pytest.raises(ConfigError, match="nowhere does not exist"):
+        check_config(config(tmp_path, "data=videos", f"data.root={tmp_path / 'nowhere'}"))
+    check_config(config(tmp_path, "experiment=tiny", "data=videos", f"data.root={video_folder}"))
+    out = subprocess.run(
+        [sys.executable, "train.py", "experiment=tiny", "data=videos", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "train.py: error: data.datamodule.train_dataset needs exactly one of root= or "
+        "manifest= (data.root=DIR or data.manifest=FILE.csv|jsonl)"
+    ]
+
+
 def test_videos_with_corrupt_and_empty_files_train_and_report(tmp_path, video_folder):
     cfg = config(
         tmp_path,
         "experiment=tiny",
         "data=videos",
         f"data.root={video_folder}",
-        "model.depth={name:midas_tiny}",  # real videos carry no depth: MiDaS (random here)
         "data.datamodule.train_dataset.size=32",
         "data.datamodule.train_dataset.num_frames=4",
         "data.datamodule.train_dataset.stride=1",

@@ -274,7 +274,12 @@ class Gen1(pl.LightningModule):
         self.log(f"train/loss_{'video' if video else 'image'}", loss, batch_size=size)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimiser's step, then the EMA's: here rather than in ``on_train_batch_end``,
+        which runs after the checkpoint callback, so a checkpoint saved mid-epoch held an EMA
+        one update behind its weights and a resumed run's EMA drifted from the unbroken one's.
+        """
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.unet)
 
