@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from decord._ffi.base import DECORDError
-from PIL import Image, UnidentifiedImageError
 
+from data.images import BLACK, WHITE, load_image
 from data.video import MediaReadError, existing_media, uint8_to_unit
 
 
@@ -121,24 +121,31 @@ def _check_size(path: Path, hw: tuple[int, int], source: SourceVideo, size) -> N
         )
 
 
-def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
-    """An image file as a uint8 array (H, W, C) in ``mode``."""
-    path = existing(path)
+def read_image(
+    path: str | Path, mode: str = "RGB", background: float = WHITE, exact: bool = False
+) -> np.ndarray:
+    """An image file, upright, as uint8 (H, W, 3) or (H, W) in ``mode`` "RGB" or "L" (float
+    levels in [0, 1] with ``exact``); any Pillow mode, transparency on ``background``
+    (:func:`data.images.load_image`). MediaError if it cannot be read."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert(mode))
-    except (UnidentifiedImageError, OSError) as err:
-        raise MediaError(f"{path}: not a readable image ({err})") from err
+        return load_image(path, mode, background, exact)
+    except MediaReadError as err:
+        if err.reason in ("missing", "empty"):
+            raise MediaError(str(err)) from err
+        raise MediaError(f"{err.path}: not a readable image ({err.detail})") from err
 
 
 def read_mask(path, source: SourceVideo, indices: list[int], size) -> torch.Tensor:
-    """A mask (1 = edit) ``(1, F or 1, 1, H, W)`` in [0, 1] from an image or a video."""
+    """A mask (1 = edit) ``(1, F or 1, 1, H, W)`` in [0, 1] from an image or a video.
+
+    An image's transparent pixels count as black (not edited): a mask painted on a
+    transparent layer edits where it is painted."""
     path = Path(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        pixels = read_image(path, "L")
-        _check_size(path, pixels.shape[:2], source, size)
-        mask = torch.from_numpy(pixels.copy()).float()[None, None, None] / 255
-        return F.interpolate(mask[0], size=tuple(size), mode="bilinear")[None]
+        levels = read_image(path, "L", background=BLACK, exact=True)
+        _check_size(path, levels.shape[:2], source, size)
+        mask = torch.from_numpy(levels.copy())[None, None]
+        return F.interpolate(mask, size=tuple(size), mode="bilinear")[None]
     video = probe_video(path)
     _check_size(path, (video.height, video.width), source, size)
     if video.num_frames != source.num_frames:
@@ -149,7 +156,9 @@ def read_mask(path, source: SourceVideo, indices: list[int], size) -> torch.Tens
 
 
 def read_depth(path, source: SourceVideo, indices: list[int], size) -> torch.Tensor:
-    """Depth ``(1, F, 1, H, W)`` from a .npy ``(frames, H, W)`` or a grey video (near = bright)."""
+    """Depth ``(1, F, 1, H, W)`` from a .npy ``(frames, H, W)``, a grey video or a grey image
+    (one depth map for every frame; 16-bit kept exact), near = bright, in [-1, 1] for
+    images and videos."""
     path = Path(path)
     if path.suffix == ".npy":
         try:
@@ -162,6 +171,10 @@ def read_depth(path, source: SourceVideo, indices: list[int], size) -> torch.Ten
             )
         depth = torch.from_numpy(np.asarray(array[indices], dtype=np.float32))[:, None]
         return F.interpolate(depth, size=tuple(size), mode="bilinear")[None]
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        levels = torch.from_numpy(read_image(path, "L", exact=True).copy())[None, None]
+        depth = F.interpolate(levels * 2 - 1, size=tuple(size), mode="bilinear")
+        return depth.expand(len(indices), -1, -1, -1)[None]
     video = probe_video(path)
     if video.num_frames != source.num_frames:
         raise MediaError(
