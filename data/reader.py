@@ -250,7 +250,9 @@ def probe_stream(path: str | Path, *, timestamps: bool = True) -> VideoStream:
     if first is None or pts == []:
         raise VideoReadError(path, "no_frames", "contains no video frames")
     num_frames = len(pts) if pts is not None else indexed
-    if timestamps and indexed > demuxed:
+    # An mp4/mov sample table lists every frame exactly: fewer packets is a cut-off file.
+    # (AVI headers can count one frame more than they hold; other indexes are estimates.)
+    if timestamps and fmt.startswith("mov,") and indexed > demuxed:
         detail = f"corrupt video stream (the file ends after {demuxed} of {indexed} frames)"
         raise VideoReadError(path, "corrupt", detail)
     k, mirrored = display_transform(_matrix_of(first))

@@ -114,6 +114,17 @@ def write_animation(path: Path, frames: np.ndarray, durations_ms: list[int]) -> 
     return path
 
 
+def unknown_audio_codec(path: Path) -> Path:
+    """Patch an AVI written with ``pcm_mulaw`` audio in place: its format tag becomes one no
+    FFmpeg decoder knows (what odd camera firmware writes)."""
+    data = bytearray(path.read_bytes())
+    tag = data.find(b"strf", data.find(b"auds")) + 8  # WAVEFORMATEX.wFormatTag
+    assert data[tag : tag + 2] == (7).to_bytes(2, "little"), "not a mu-law AVI"
+    data[tag : tag + 2] = (0x3A7D).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
 def ffmpeg(*args: str) -> None:
     """Run the imageio-ffmpeg binary (skips the test without it)."""
     imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
