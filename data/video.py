@@ -25,7 +25,7 @@ import torch
 from data.reader import FrameReader, VideoReadError, VideoStream, probe_stream
 
 SIZE_MULTIPLE = 8
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 REASONS = ("missing", "empty", "unreadable", "corrupt", "too_short")
 
 

@@ -59,6 +59,7 @@ def files(tmp_path_factory):
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "garbage.mp4").write_bytes(bytes(range(256)) * 64)
     Image.fromarray(np.full((48, 64, 3), (200, 40, 40), np.uint8)).save(folder / "red.png")
+    media_files.write_animation(folder / "anim.webp", media_files.indexed_frames(3), [100] * 3)
     left = np.zeros((48, 64), np.uint8)
     left[:, :32] = 255
     Image.fromarray(left).save(folder / "mask.png")
@@ -198,6 +199,7 @@ BAD = {
     "zero frames": (["input={d}/zero.mp4"], "no video frames"),
     "garbage": (["input={d}/garbage.mp4"], "not a readable video"),
     "corrupt stream": (["input={d}/truncated.mp4"], "corrupt video stream"),
+    "animated WebP": (["input={d}/anim.webp"], "animated WebP cannot be decoded by this FFmpeg"),
     "start past the end": (["start=30"], "outside"),
     "end past the end": (["end=25"], "outside"),
     "mask of the wrong size": (["mask={d}/small_mask.png"], "mask"),

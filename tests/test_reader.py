@@ -145,3 +145,16 @@ def test_broken_files_are_still_classified(base, tmp_path):
     with pytest.raises(VideoReadError) as caught:
         probe_stream(tmp_path / "junk.mp4")
     assert caught.value.kind == "unreadable"
+
+
+def test_a_training_folder_reads_gifs_and_portrait_clips(base, tmp_path):
+    from data.datasets import VideoClipDataset
+
+    write_animation(tmp_path / "anim.gif", indexed_frames(6), [100] * 6)
+    with_display_matrix(base, tmp_path / "phone.mp4", -90)
+    dataset = VideoClipDataset(root=str(tmp_path), num_frames=3, size=32, stride=2, train=False)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert len(items) == 2 and not dataset.skipped
+    for item in items:
+        pixels = ((item["frames"] + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+        assert [index_of(f) for f in pixels] == [0, 2, 4]
