@@ -84,17 +84,18 @@ def test_gif_and_apng_are_read_with_their_own_frame_times(tmp_path):
         assert np.abs(pixels.astype(int) - frames[[3, 0, 4]]).max() <= 2  # palette exact
 
 
-def test_transparent_gif_frames_are_composited_on_white(tmp_path):
+def test_transparent_frames_are_composited_on_white(tmp_path):
+    """An APNG whose clear pixels hold red under zero alpha: they read white, not red."""
     from PIL import Image
 
-    frames = [Image.new("P", (16, 16), 1) for _ in range(2)]
-    for k, frame in enumerate(frames):
-        frame.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
-        frame.paste(0, (0, 0, 4 + 4 * k, 4))  # an opaque black bar, longer in frame 1
-    path = tmp_path / "clear.gif"
-    frames[0].save(path, save_all=True, append_images=frames[1:], transparency=1, duration=100)
+    frames = np.zeros((2, 16, 16, 4), np.uint8)
+    frames[..., 0] = 255  # red everywhere, but only the opaque bar shows
+    frames[0, :4, :4] = frames[1, :4, :8] = (0, 0, 0, 255)
+    images = [Image.fromarray(f) for f in frames]
+    path = tmp_path / "clear.png"
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100)
     pixels = FrameReader(probe_stream(path)).read([0, 1])
-    assert (pixels[:, 4:] == 255).all()  # not the transparent index's red, not black
+    assert (pixels[:, 4:] == 255).all()  # white, not the red under the clear pixels
     assert (pixels[0, :4, :4] == 0).all() and (pixels[1, :4, :8] == 0).all()
 
 
