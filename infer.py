@@ -1,12 +1,13 @@
 """Edit a video with a Gen-1 model:
 ``python infer.py input=IN.mp4 output=OUT.mp4 checkpoint=FILE reference=IMAGE [key=value ...]``.
 
-Composes ``configs/infer.yaml``; checks every input before the model is loaded; reads the
-chosen frames at the working resolution; edits them (``model.editing``); writes an H.264 mp4
-at the source fps (over the stride), with the source's audio where timing allows, an optional
-side-by-side preview and a JSON sidecar of every setting. Outputs are written to temporary
-files and moved into place; the input is never overwritten. A bad input ends the run with one
-line on stderr and exit status 1, leaving no output behind.
+Composes ``configs/infer.yaml``; checks every input before the model is loaded (the audio's
+fate included); reads the chosen frames upright at the working resolution; edits them
+(``model.editing``); writes an H.264 mp4 at the source fps (over the stride) or, for a
+variable-rate source, at the frames' source times, with the audio of exactly the kept span
+(as AAC), an optional side-by-side preview and a JSON sidecar of every setting. Outputs are
+written to temporary files and moved into place; the input is never overwritten. A bad input
+ends the run with one line on stderr and exit status 1, leaving no output behind.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from data.io import write_video
+from data.audio import AudioTrack
+from data.io import FrameTimes, write_video
 from data.media import (
     MediaError,
     SourceVideo,
+    output_timing,
     probe_video,
+    read_audio,
     read_depth,
     read_frames,
     read_image,
@@ -181,6 +185,9 @@ class Inputs:
     reference: np.ndarray | None  # reference image (H, W, 3) uint8
     mask: torch.Tensor | None  # (1, F or 1, 1, H, W) in [0, 1]
     depth: torch.Tensor | None  # (1, F, 1, H, W)
+    times: FrameTimes  # when each output frame shows
+    timing: str  # "constant rate" or "source timestamps"
+    audio: AudioTrack  # the kept span's audio, ready to mux (or why there is none)
 
 
 def read_inputs(cfg: DictConfig) -> Inputs:
@@ -193,6 +200,7 @@ def read_inputs(cfg: DictConfig) -> Inputs:
     source = probe_video(cfg.input)
     size = working_size(source.height, source.width, resolution(cfg), cfg.size_multiple)
     indices = frame_indices(source, cfg.start, cfg.end, cfg.stride, cfg.max_frames)
+    times, span_s, timing = output_timing(source, indices, cfg.stride)
     if cfg.reference_frame is not None and not 0 <= cfg.reference_frame < source.num_frames:
         raise InferError(
             f"reference_frame={cfg.reference_frame} is outside the input's "
@@ -202,10 +210,13 @@ def read_inputs(cfg: DictConfig) -> Inputs:
         source=source,
         size=size,
         indices=indices,
-        frames=read_frames(cfg.input, indices, size),
+        frames=read_frames(source, indices, size),
         reference=read_image(cfg.reference) if cfg.reference is not None else None,
         mask=read_mask(cfg.mask, source, indices, size) if cfg.mask is not None else None,
         depth=read_depth(cfg.depth, source, indices, size) if cfg.depth is not None else None,
+        times=times,
+        timing=timing,
+        audio=read_audio(source, span_s),  # cut and encoded now: writing cannot fail on it
     )
 
 
@@ -256,7 +267,7 @@ def content_embedding(
             image = torch.from_numpy(inputs.reference.copy()).permute(2, 0, 1)
             return image_content(gen1, image[None].float() / 127.5 - 1)
         if cfg.reference_frame is not None:
-            frame = read_frames(cfg.input, [cfg.reference_frame], inputs.size)
+            frame = read_frames(inputs.source, [cfg.reference_frame], inputs.size)
             return image_content(gen1, frame[0])
         prior = None
         if cfg.prompt_mode == "prior":
@@ -265,21 +276,22 @@ def content_embedding(
 
 
 def write_outputs(cfg: DictConfig, inputs: Inputs, result, sidecar: dict, started: float):
-    """The mp4 (with the source's audio when timing allows), the preview and the sidecar
-    (its timing completed here), staged in temporary files and moved into place together."""
+    """The mp4 (with the kept span's audio), the preview and the sidecar (its timing
+    completed here), staged in temporary files and moved into place together."""
     output = Path(cfg.output)
     paths = [output.with_suffix(".json"), output]
     if cfg.preview:
         paths.append(output.with_name(output.stem + ".preview.mp4"))
     fps = sidecar["frames"]["fps"]
     with staged_outputs(paths) as temps:
-        audio = cfg.input if sidecar["audio"] == "copied" else None
-        write_video(temps[1], result.frames[0], fps, crf=cfg.crf, audio_from=audio)
+        write_video(
+            temps[1], result.frames[0], fps, crf=cfg.crf, times=inputs.times, audio=inputs.audio
+        )
         if cfg.preview:
             frames = inputs.frames[0]
             depth = result.depth[0] if result.depth is not None else torch.zeros_like(frames)
             panels = [frames, depth.expand(-1, 3, -1, -1), result.frames[0]]
-            write_video(temps[2], torch.cat(panels, dim=-1), fps, crf=cfg.crf)
+            write_video(temps[2], torch.cat(panels, dim=-1), fps, crf=cfg.crf, times=inputs.times)
         timing = sidecar["timing"]
         timing["write_s"] = time.perf_counter() - started - sum(timing.values())
         timing["total_s"] = time.perf_counter() - started
@@ -288,13 +300,7 @@ def write_outputs(cfg: DictConfig, inputs: Inputs, result, sidecar: dict, starte
 
 def describe(cfg: DictConfig, inputs: Inputs, result, seed: int, gen1, device, dtype) -> dict:
     """The sidecar: every resolved setting, the seed, the checkpoint's sha256, frames, sizes."""
-    source = inputs.source
-    if not source.has_audio:
-        audio = "none"
-    elif cfg.start == 0 and cfg.stride == 1:
-        audio = "copied"
-    else:
-        audio = "dropped: start/stride change the timing"
+    source, times = inputs.source, inputs.times
     return {
         "input": str(Path(cfg.input).resolve()),
         "output": str(Path(cfg.output).resolve()),
@@ -306,18 +312,23 @@ def describe(cfg: DictConfig, inputs: Inputs, result, seed: int, gen1, device, d
         "seed": seed,
         "settings": OmegaConf.to_container(cfg, resolve=True),
         "edit": asdict(edit_settings(cfg)),
-        "source": asdict(source),
+        "source": source.summary(),
         "frames": {
             "indices": inputs.indices,
             "count": len(inputs.indices),
             "fps": source.fps / cfg.stride,
+            "timing": inputs.timing,
+            "times_s": [float(p * times.time_base) for p in times.pts],
+            "duration_s": times.duration_s,
         },
+        "rotation": source.rotation,  # degrees clockwise applied on reading (then mirrored)
         "size": {
             "output": list(inputs.size),
             "latent": [s // gen1.vae.downsample_factor for s in inputs.size],
         },
         "windows": result.windows,
-        "audio": audio,
+        "audio": inputs.audio.description,
+        "audio_span_s": list(inputs.audio.span_s) if inputs.audio.span_s else None,
         "device": str(device),
         "precision": str(dtype or torch.float32).removeprefix("torch."),
         "versions": {
@@ -369,7 +380,8 @@ def cli(cfg: DictConfig) -> int:
     print(
         f"wrote {cfg.output}: {outcome['frames']['count']} frames, "
         f"{outcome['size']['output'][1]}x{outcome['size']['output'][0]}, "
-        f"{outcome['frames']['fps']:g} fps, seed {outcome['seed']}"
+        f"{outcome['frames']['fps']:g} fps ({outcome['frames']['timing']}), "
+        f"seed {outcome['seed']}, audio {outcome['audio']}"
     )
     return 0
 

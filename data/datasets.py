@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from data.images import load_image
 from data.video import (
     REASONS,
     VIDEO_EXTENSIONS,
     MediaReadError,
     cover_size,
     crop_offsets,
-    existing_media,
     parse_size,
     read_clip,
     uint8_to_unit,
@@ -249,13 +249,9 @@ class VideoClipDataset(_MediaDataset):
 def read_image(
     path: str | Path, size: tuple[int, int], rng: np.random.Generator | None = None
 ) -> torch.Tensor:
-    """An image as a (1, 3, H, W) clip in [-1, 1]: resized to cover ``size``, then cropped."""
-    path = existing_media(path)
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
-        raise MediaReadError(path, "unreadable", str(err)) from err
+    """An image as a (1, 3, H, W) clip in [-1, 1]: upright, any Pillow mode (as
+    :func:`data.images.load_image` reads it), resized to cover ``size``, then cropped."""
+    rgb = Image.fromarray(load_image(path, "RGB"))
     height, width = cover_size((rgb.height, rgb.width), size)
     resized = np.array(rgb.resize((width, height), Image.Resampling.BICUBIC))
     top, left = crop_offsets((height, width), size, rng)

@@ -1,13 +1,19 @@
-"""Writing videos: H.264 mp4 through PyAV, optionally with the audio of a source file."""
+"""Writing videos: H.264 mp4 through PyAV, at a constant rate or at given frame times, with
+audio prepared by :func:`data.audio.prepare_audio`."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
+
+from data.audio import AudioTrack
 
 
 def frames_to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -23,18 +29,64 @@ def frames_to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def rate_fraction(fps: float) -> Fraction:
+    """``fps`` as an exact-enough fraction (29.97 -> 30000/1001)."""
+    return Fraction(fps).limit_denominator(100000)
+
+
+@dataclass(frozen=True)
+class FrameTimes:
+    """When each written frame shows: ``pts[i] * time_base`` seconds from the first frame
+    (``pts[0] == 0``, strictly increasing) until the next, the last until ``end``."""
+
+    pts: tuple[int, ...]
+    end: int
+    time_base: Fraction
+
+    def __post_init__(self) -> None:
+        steps = np.diff([*self.pts, self.end])
+        if not self.pts or self.pts[0] != 0 or (steps <= 0).any():
+            raise ValueError(f"frame times must start at 0 and increase, got {self}")
+
+    @classmethod
+    def constant(cls, num_frames: int, fps: float) -> FrameTimes:
+        """``num_frames`` frames ``1 / fps`` s apart, the last shown for ``1 / fps`` too."""
+        if num_frames < 1 or fps <= 0:
+            raise ValueError(f"bad constant timing: {num_frames} frames at {fps} fps")
+        return cls(tuple(range(num_frames)), num_frames, 1 / rate_fraction(fps))
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds from the first frame to the end of the last."""
+        return float(self.end * self.time_base)
+
+    @property
+    def constant_rate(self) -> bool:
+        """Whether the frames are evenly spaced (the last may end early)."""
+        return len(set(np.diff(self.pts).tolist())) <= 1
+
+    def nominal_rate(self) -> Fraction:
+        """Frames per second: one over the step of evenly spaced frames, else the average."""
+        if self.constant_rate and len(self.pts) > 1:
+            return 1 / ((self.pts[1] - self.pts[0]) * self.time_base)
+        return rate_fraction(len(self.pts) / self.duration_s)
+
+
 def write_video(
     path: str | Path,
     frames: torch.Tensor | np.ndarray,
     fps: float,
     *,
     crf: int = 18,
-    audio_from: str | Path | None = None,
+    times: FrameTimes | None = None,
+    audio: AudioTrack | None = None,
 ) -> Path:
-    """Encode frames as H.264 (yuv420p) mp4 at ``fps``; copy the audio of ``audio_from``.
+    """Encode frames as H.264 (yuv420p) mp4; mux ``audio`` (its data, if any) beside them.
 
     ``frames`` is (F, 3, H, W) float in [-1, 1] or (F, H, W, 3) uint8; H and W must be even
-    (yuv420p). The audio stream, if the source has one, is copied without re-encoding.
+    (yuv420p). Frames show at ``times`` when given (per-frame timestamps: variable rate; B
+    frames are then off, since x264's B-frame decode times would end the mp4 track before
+    its last frame), else at a constant ``fps``. Raises ValueError for bad frames or times.
     """
     pixels = frames_to_uint8(frames)
     num_frames, height, width, _ = pixels.shape
@@ -44,27 +96,45 @@ def write_video(
         raise ValueError(f"H.264 needs even frame sizes, got {height}x{width} for {path}")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps} for {path}")
+    times = times if times is not None else FrameTimes.constant(num_frames, fps)
+    if len(times.pts) != num_frames:
+        raise ValueError(f"{len(times.pts)} frame times for {num_frames} frames ({path})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    source = av.open(str(audio_from)) if audio_from is not None else None
+    sound = av.open(io.BytesIO(audio.data)) if audio is not None and audio.data else None
     try:
         with av.open(str(path), mode="w") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000))
+            stream = container.add_stream("libx264", rate=times.nominal_rate())
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf)}
-            audio_in = source.streams.audio[0] if source and source.streams.audio else None
-            audio_out = container.add_stream_from_template(audio_in) if audio_in else None
-            for image in pixels:
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
-            if audio_in is not None:
-                for packet in source.demux(audio_in):
+            stream.time_base = stream.codec_context.time_base = times.time_base
+            stream.options = {"crf": str(crf), **({} if times.constant_rate else {"bf": "0"})}
+            # Every stream is added before the first packet: that writes the header.
+            sound_out = sound and container.add_stream_from_template(sound.streams.audio[0])
+            _mux_frames(container, stream, pixels, times)
+            if sound is not None:
+                for packet in sound.demux(sound.streams.audio[0]):
                     if packet.dts is None:  # the demuxer's final flush packet
                         continue
-                    packet.stream = audio_out
+                    packet.stream = sound_out
                     container.mux(packet)
     finally:
-        if source is not None:
-            source.close()
+        if sound is not None:
+            sound.close()
     return path
+
+
+def _mux_frames(container, stream, pixels: np.ndarray, times: FrameTimes) -> None:
+    """Encode with each frame's pts; every packet gets its frame's duration (the muxer keeps
+    only the last one's, which sets where the video ends)."""
+    durations = dict(zip(times.pts, np.diff([*times.pts, times.end]).tolist(), strict=True))
+
+    def mux(packets: Sequence[av.Packet]) -> None:
+        for packet in packets:
+            packet.duration = durations[packet.pts]
+            container.mux(packet)
+
+    for image, pts in zip(pixels, times.pts, strict=True):
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame.pts, frame.time_base = pts, times.time_base
+        mux(stream.encode(frame))
+    mux(stream.encode(None))

@@ -1,25 +1,26 @@
 """Reading the media a user hands to infer.py: videos, frames, images, masks, depth.
 
 Every reader checks its file and raises ``MediaError`` with one line that names the file
-and says what is wrong with it (missing, empty, not a video, corrupt, wrong size).
+and says what is wrong with it (missing, empty, not a video, corrupt, wrong size). Videos go
+through :mod:`data.reader` (decord or PyAV, frames upright), images through
+:func:`data.images.load_image`, audio through :mod:`data.audio`: everything that can fail
+fails here, before the model is loaded.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
-import av
-import decord
 import numpy as np
 import torch
 import torch.nn.functional as F
-from decord._ffi.base import DECORDError
-from PIL import Image, UnidentifiedImageError
 
+from data.audio import AudioPlan, AudioTrack, plan_audio, prepare_audio
+from data.images import BLACK, WHITE, load_image
+from data.io import FrameTimes
+from data.reader import FrameReader, VideoReadError, VideoStream, probe_stream
 from data.video import MediaReadError, existing_media, uint8_to_unit
 
 
@@ -28,13 +29,13 @@ class MediaError(ValueError):
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-# Demuxers that open still images or text as a "video" stream.
-NOT_VIDEO_FORMATS = {"image2", "tty"}
+CONSTANT_RATE, SOURCE_TIMESTAMPS = "constant rate", "source timestamps"
 
 
 @dataclass
 class SourceVideo:
-    """What the reader tells about a video file."""
+    """What the reader tells about a video file. Sizes are the displayed (upright) ones;
+    ``rotation`` (degrees clockwise) and ``mirrored`` are what reading applies."""
 
     path: str
     num_frames: int
@@ -42,20 +43,30 @@ class SourceVideo:
     height: int
     width: int
     has_audio: bool
+    rotation: int = 0
+    mirrored: bool = False
+    variable_rate: bool = False
+    format: str = ""
+    codec: str = ""
+    audio: AudioPlan | None = None
+    stream: VideoStream | None = field(default=None, repr=False)
 
-
-@contextmanager
-def native_stderr_silenced():
-    """Keep decord/ffmpeg's native log lines off stderr (errors are reported as exceptions)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    def summary(self) -> dict:
+        """The sidecar's record of the source (no per-frame lists)."""
+        return {
+            "path": self.path,
+            "num_frames": self.num_frames,
+            "fps": self.fps,
+            "height": self.height,
+            "width": self.width,
+            "has_audio": self.has_audio,
+            "rotation": self.rotation,
+            "mirrored": self.mirrored,
+            "variable_rate": self.variable_rate,
+            "format": self.format,
+            "codec": self.codec,
+            "audio_codec": self.audio.codec if self.audio is not None else None,
+        }
 
 
 def existing(path: str | Path) -> Path:
@@ -66,51 +77,79 @@ def existing(path: str | Path) -> Path:
         raise MediaError(str(err)) from err
 
 
-def _first_line(err: Exception) -> str:
-    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return line.rsplit(": ", 1)[-1][:200] if "/src/" in line else line[:200]
-
-
-def probe_video(path: str | Path) -> SourceVideo:
-    """Frame count, fps, size and audio presence of a video, or MediaError saying why not."""
+def probe_video(path: str | Path, audio: bool = True) -> SourceVideo:
+    """Frame count and times, fps, upright size, rotation and (with ``audio``) the audio plan
+    of a video, the audio's trial decode and encode included; MediaError saying why not."""
     path = existing(path)
     try:
-        with native_stderr_silenced(), av.open(str(path)) as container:
-            fmt = container.format.name
-            if fmt in NOT_VIDEO_FORMATS or fmt.endswith("_pipe"):
-                raise MediaError(f"{path}: not a video (it reads as {fmt!r})")
-            if not container.streams.video:
-                raise MediaError(f"{path}: contains no video frames (no video stream)")
-            context = container.streams.video[0].codec_context
-            height, width = context.height, context.width
-            has_audio = bool(container.streams.audio)
-    except (av.FFmpegError, OSError) as err:
-        raise MediaError(f"{path}: not a readable video ({_first_line(err)})") from err
-    try:
-        with native_stderr_silenced():
-            reader = decord.VideoReader(str(path), num_threads=1)
-            num_frames, fps = len(reader), float(reader.get_avg_fps())
-    except (RuntimeError, DECORDError) as err:
-        raise MediaError(f"{path}: corrupt video stream ({_first_line(err)})") from err
-    if num_frames == 0:
-        raise MediaError(f"{path}: contains no video frames")
-    if not np.isfinite(fps) or fps <= 0 or height <= 0 or width <= 0:
-        raise MediaError(f"{path}: unusable stream ({width}x{height} at {fps} fps)")
-    return SourceVideo(str(path), num_frames, fps, height, width, has_audio)
+        stream = probe_stream(path)
+    except VideoReadError as err:
+        raise MediaError(str(err)) from err
+    audio = plan_audio(path) if audio else AudioPlan(str(path), "none")
+    return SourceVideo(
+        path=str(path),
+        num_frames=stream.num_frames,
+        fps=stream.fps,
+        height=stream.height,
+        width=stream.width,
+        has_audio=audio.action != "none",
+        rotation=stream.rotation,
+        mirrored=stream.mirrored,
+        variable_rate=stream.variable_rate,
+        format=stream.format,
+        codec=stream.codec,
+        audio=audio,
+        stream=stream,
+    )
 
 
-def read_frames(path: str | Path, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
-    """Frames ``indices`` of a video at ``size`` (H, W): ``(1, F, 3, H, W)`` in [-1, 1]."""
-    out = torch.empty(len(indices), 3, *size)
+def read_frames(
+    video: SourceVideo | str | Path, indices: list[int], size: tuple[int, int]
+) -> torch.Tensor:
+    """Frames ``indices`` of a video, upright, at ``size`` (H, W): ``(1, F, 3, H, W)`` in
+    [-1, 1]. A path is probed first; MediaError if it cannot be read."""
+    source = video if isinstance(video, SourceVideo) else probe_video(video, audio=False)
     try:
-        with native_stderr_silenced():
-            reader = decord.VideoReader(str(path), width=size[1], height=size[0], num_threads=1)
-            for start in range(0, len(indices), 32):
-                chunk = reader.get_batch(indices[start : start + 32]).asnumpy()
-                out[start : start + len(chunk)] = uint8_to_unit(chunk)
-    except (RuntimeError, DECORDError) as err:
-        raise MediaError(f"{path}: corrupt video stream ({_first_line(err)})") from err
-    return out[None]
+        pixels = FrameReader(source.stream, tuple(size)).read(indices)
+    except VideoReadError as err:
+        raise MediaError(str(err)) from err
+    return uint8_to_unit(pixels)[None]
+
+
+def output_timing(
+    source: SourceVideo, indices: list[int], stride: int
+) -> tuple[FrameTimes, tuple[float, float], str]:
+    """When the kept source frames ``indices`` (every ``stride``-th) show in the output, the
+    source seconds they cover (the audio span) and the timing mode.
+
+    Each kept frame lasts until the next kept one; the last one ``stride`` source frames,
+    but not past the source's end. A constant-rate source is written at ``fps / stride``
+    (``"constant rate"``); a variable-rate one keeps its frames' source times, relative to
+    the first kept frame (``"source timestamps"``). The span is
+    ``[time of the first kept frame, that + output duration)``, so audio and video last
+    the same.
+    """
+    stream = source.stream
+    first, stop = indices[0], min(indices[-1] + stride, source.num_frames)
+    if stream.variable_rate:
+        pts, base = stream.pts, stream.time_base
+        ends = pts[stop] if stop < len(pts) else stream.end_pts
+        times = FrameTimes(tuple(pts[i] - pts[first] for i in indices), ends - pts[first], base)
+        mode = SOURCE_TIMESTAMPS
+    else:  # ticks of one source frame period
+        period = 1 / Fraction(source.fps).limit_denominator(100000)
+        times = FrameTimes(tuple(i - first for i in indices), stop - first, period)
+        mode = CONSTANT_RATE
+    start = stream.time_s(first)
+    return times, (start, start + times.duration_s), mode
+
+
+def read_audio(source: SourceVideo, span_s: tuple[float, float]) -> AudioTrack:
+    """The source's audio over ``span_s`` seconds, ready to write (copied, transcoded to AAC
+    or dropped with the reason; never raises for audio)."""
+    if source.audio is None:
+        return AudioTrack("none")
+    return prepare_audio(source.audio, span_s, frame_s=1 / source.fps)
 
 
 def _check_size(path: Path, hw: tuple[int, int], source: SourceVideo, size) -> None:
@@ -121,35 +160,44 @@ def _check_size(path: Path, hw: tuple[int, int], source: SourceVideo, size) -> N
         )
 
 
-def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
-    """An image file as a uint8 array (H, W, C) in ``mode``."""
-    path = existing(path)
+def read_image(
+    path: str | Path, mode: str = "RGB", background: float = WHITE, exact: bool = False
+) -> np.ndarray:
+    """An image file, upright, as uint8 (H, W, 3) or (H, W) in ``mode`` "RGB" or "L" (float
+    levels in [0, 1] with ``exact``); any Pillow mode, transparency on ``background``
+    (:func:`data.images.load_image`). MediaError if it cannot be read."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert(mode))
-    except (UnidentifiedImageError, OSError) as err:
-        raise MediaError(f"{path}: not a readable image ({err})") from err
+        return load_image(path, mode, background, exact)
+    except MediaReadError as err:
+        if err.reason in ("missing", "empty"):
+            raise MediaError(str(err)) from err
+        raise MediaError(f"{err.path}: not a readable image ({err.detail})") from err
 
 
 def read_mask(path, source: SourceVideo, indices: list[int], size) -> torch.Tensor:
-    """A mask (1 = edit) ``(1, F or 1, 1, H, W)`` in [0, 1] from an image or a video."""
+    """A mask (1 = edit) ``(1, F or 1, 1, H, W)`` in [0, 1] from an image or a video.
+
+    An image's transparent pixels count as black (not edited): a mask painted on a
+    transparent layer edits where it is painted."""
     path = Path(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        pixels = read_image(path, "L")
-        _check_size(path, pixels.shape[:2], source, size)
-        mask = torch.from_numpy(pixels.copy()).float()[None, None, None] / 255
-        return F.interpolate(mask[0], size=tuple(size), mode="bilinear")[None]
-    video = probe_video(path)
+        levels = read_image(path, "L", background=BLACK, exact=True)
+        _check_size(path, levels.shape[:2], source, size)
+        mask = torch.from_numpy(levels.copy())[None, None]
+        return F.interpolate(mask, size=tuple(size), mode="bilinear")[None]
+    video = probe_video(path, audio=False)
     _check_size(path, (video.height, video.width), source, size)
     if video.num_frames != source.num_frames:
         raise MediaError(
             f"mask {path} has {video.num_frames} frames; the input has {source.num_frames}"
         )
-    return (read_frames(path, indices, size).mean(dim=2, keepdim=True) + 1) / 2
+    return (read_frames(video, indices, size).mean(dim=2, keepdim=True) + 1) / 2
 
 
 def read_depth(path, source: SourceVideo, indices: list[int], size) -> torch.Tensor:
-    """Depth ``(1, F, 1, H, W)`` from a .npy ``(frames, H, W)`` or a grey video (near = bright)."""
+    """Depth ``(1, F, 1, H, W)`` from a .npy ``(frames, H, W)``, a grey video or a grey image
+    (one depth map for every frame; 16-bit kept exact), near = bright, in [-1, 1] for
+    images and videos."""
     path = Path(path)
     if path.suffix == ".npy":
         try:
@@ -162,9 +210,13 @@ def read_depth(path, source: SourceVideo, indices: list[int], size) -> torch.Ten
             )
         depth = torch.from_numpy(np.asarray(array[indices], dtype=np.float32))[:, None]
         return F.interpolate(depth, size=tuple(size), mode="bilinear")[None]
-    video = probe_video(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        levels = torch.from_numpy(read_image(path, "L", exact=True).copy())[None, None]
+        depth = F.interpolate(levels * 2 - 1, size=tuple(size), mode="bilinear")
+        return depth.expand(len(indices), -1, -1, -1)[None]
+    video = probe_video(path, audio=False)
     if video.num_frames != source.num_frames:
         raise MediaError(
             f"depth {path} has {video.num_frames} frames; the input has {source.num_frames}"
         )
-    return read_frames(path, indices, size).mean(dim=2, keepdim=True)
+    return read_frames(video, indices, size).mean(dim=2, keepdim=True)

@@ -1,4 +1,7 @@
-"""Reading clips from video files with decord: frame choice, resize-and-crop, classified errors.
+"""Reading clips from video files: frame choice, resize-and-crop, classified errors.
+
+Frames come through :mod:`data.reader` (decord where it works, PyAV for GIF, APNG and the
+rest), upright: a phone's portrait video trains as portrait, not sideways.
 
 A clip is ``num_frames`` frames at a target ``fps`` (or every ``stride``-th frame), resized so
 that it covers the target size (aspect kept) and cropped to it: at random when a random
@@ -16,14 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
-import decord
 import numpy as np
 import torch
-from decord._ffi.base import DECORDError
+
+from data.reader import FrameReader, VideoReadError, VideoStream, probe_stream
 
 SIZE_MULTIPLE = 8
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 REASONS = ("missing", "empty", "unreadable", "corrupt", "too_short")
 
 
@@ -123,20 +125,24 @@ def existing_media(path: str | Path) -> Path:
     return path
 
 
-def probe_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of the first video stream, read from the container header."""
+def probe_upright(path: str | Path) -> VideoStream:
+    """The video stream of ``path`` (upright size, rotation, backend; no per-frame times),
+    or a classified MediaReadError: ``missing``, ``empty``, ``unreadable``, ``corrupt``."""
     path = existing_media(path)
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaReadError(path, "unreadable", "no video stream")
-            context = container.streams.video[0].codec_context
-            height, width = context.height, context.width
-    except (av.FFmpegError, OSError) as err:
-        raise MediaReadError(path, "unreadable", str(err)) from err
-    if height <= 0 or width <= 0:
-        raise MediaReadError(path, "unreadable", f"frame size {height}x{width}")
-    return height, width
+        return probe_stream(path, timestamps=False)
+    except VideoReadError as err:
+        raise MediaReadError(path, _reason(err), err.detail) from err
+
+
+def probe_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the first video stream as displayed (its rotation applied)."""
+    stream = probe_upright(path)
+    return stream.height, stream.width
+
+
+def _reason(err: VideoReadError) -> str:
+    return "corrupt" if err.kind == "corrupt" else "unreadable"
 
 
 def read_clip(
@@ -160,14 +166,13 @@ def read_clip(
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     target_hw = parse_size(size)
-    resized_hw = cover_size(probe_size(path), target_hw)
+    stream = probe_upright(path)
+    resized_hw = cover_size((stream.height, stream.width), target_hw)
     try:
-        reader = decord.VideoReader(
-            str(path), width=resized_hw[1], height=resized_hw[0], num_threads=num_threads
-        )
-        total, source_fps = len(reader), float(reader.get_avg_fps())
-    except (RuntimeError, DECORDError) as err:
-        raise MediaReadError(path, "unreadable", str(err).splitlines()[0]) from err
+        reader = FrameReader(stream, resized_hw, num_threads=num_threads)
+    except VideoReadError as err:
+        raise MediaReadError(path, _reason(err), err.detail) from err
+    total, source_fps = len(reader), stream.fps
     if total == 0 or not math.isfinite(source_fps) or source_fps <= 0:
         raise MediaReadError(path, "unreadable", f"{total} frames at {source_fps} fps")
     step = frame_step(source_fps, fps, stride)
@@ -178,9 +183,9 @@ def read_clip(
         detail = f"{num_frames} frames with step {step:g} need more than frames [{first}, {last})"
         raise MediaReadError(path, "too_short", detail)
     try:
-        pixels = reader.get_batch(indices).asnumpy()
-    except (RuntimeError, DECORDError) as err:
-        raise MediaReadError(path, "corrupt", str(err).splitlines()[0]) from err
+        pixels = reader.read(indices)
+    except VideoReadError as err:
+        raise MediaReadError(path, "corrupt", err.detail) from err
     if pixels.shape[0] != num_frames:
         raise MediaReadError(path, "corrupt", f"decoded {pixels.shape[0]} of {num_frames} frames")
     top, left = crop_offsets(pixels.shape[1:3], target_hw, rng)

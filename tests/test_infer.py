@@ -4,9 +4,9 @@ the release round trip, and one clear line with no output for each bad input."""
 import json
 import subprocess
 import sys
+from fractions import Fraction
 
 import av
-import decord
 import numpy as np
 import pytest
 import torch
@@ -18,6 +18,7 @@ from data import media
 from model.training.loading import release_from_checkpoint
 from model.weights.atomic import file_sha256
 from model.weights.release import read_release, write_release
+from tests import media_files
 from tests.sd_layout import ROOT
 from tests.test_release import write_training_checkpoint
 
@@ -60,6 +61,7 @@ def files(tmp_path_factory):
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "garbage.mp4").write_bytes(bytes(range(256)) * 64)
     Image.fromarray(np.full((48, 64, 3), (200, 40, 40), np.uint8)).save(folder / "red.png")
+    media_files.write_animation(folder / "anim.webp", media_files.indexed_frames(3), [100] * 3)
     left = np.zeros((48, 64), np.uint8)
     left[:, :32] = 255
     Image.fromarray(left).save(folder / "mask.png")
@@ -76,8 +78,11 @@ def config(*overrides):
 
 
 def read(path):
-    reader = decord.VideoReader(str(path))
-    return reader.get_batch(list(range(len(reader)))).asnumpy(), reader.get_avg_fps()
+    """(frames (F, H, W, 3) uint8, average fps) of a written mp4, decoded by PyAV (decord
+    0.6 cannot decode some widths, 48 among them)."""
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        return np.stack(frames), float(container.streams.video[0].average_rate)
 
 
 def test_cli_edits_a_video_three_windows_long_with_audio_preview_and_sidecar(files, tmp_path):
@@ -99,10 +104,19 @@ def test_cli_edits_a_video_three_windows_long_with_audio_preview_and_sidecar(fil
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["checkpoint"]["sha256"] == file_sha256(files / "tiny.ckpt")
     assert sidecar["seed"] == 3 and sidecar["settings"]["steps"] == 2
-    assert sidecar["frames"] == {"indices": list(range(12)), "count": 12, "fps": FPS}
+    assert sidecar["frames"] == {
+        "indices": list(range(12)),
+        "count": 12,
+        "fps": FPS,
+        "timing": "constant rate",
+        "times_s": [i / FPS for i in range(12)],
+        "duration_s": 1.0,
+    }
     assert sidecar["size"] == {"output": [32, 32], "latent": [8, 8]}
     assert sidecar["windows"] == [[0, 4], [3, 7], [6, 10], [8, 12]]  # 3x the window length
-    assert sidecar["audio"] == "copied" and sidecar["source"]["num_frames"] == 24
+    assert sidecar["audio"] == "transcoded to aac from aac"  # cut to the kept second
+    assert sidecar["audio_span_s"] == pytest.approx([0, 1]) and sidecar["rotation"] == 0
+    assert sidecar["source"]["num_frames"] == 24 and sidecar["source"]["audio_codec"] == "aac"
     assert sidecar["versions"]["torch"] == torch.__version__
     assert {"read_s", "load_s", "edit_s", "write_s", "total_s"} <= set(sidecar["timing"])
     assert sorted(p.name for p in out.parent.iterdir()) == [
@@ -146,8 +160,10 @@ def test_frame_range_stride_prompt_and_mask(files, tmp_path):
         "start=2", "end=20", "stride=3", "max_frames=5", "crf=0", *FAST,
     )  # fmt: skip
     outcome = infer.run(cfg)
-    assert outcome["frames"] == {"indices": [2, 5, 8, 11, 14], "count": 5, "fps": FPS / 3}
-    assert outcome["audio"].startswith("dropped")
+    assert outcome["frames"]["indices"] == [2, 5, 8, 11, 14]
+    assert outcome["frames"]["fps"] == FPS / 3
+    assert outcome["audio"] == "transcoded to aac from aac"
+    assert outcome["audio_span_s"] == pytest.approx([2 / FPS, 17 / FPS])  # 5 frames of 3
     frames, fps = read(out)
     assert frames.shape == (5, 32, 32, 3) and fps == pytest.approx(FPS / 3)
     source = media.read_frames(files / "clip.mp4", [2, 5, 8, 11, 14], (32, 32))
@@ -185,6 +201,7 @@ BAD = {
     "zero frames": (["input={d}/zero.mp4"], "no video frames"),
     "garbage": (["input={d}/garbage.mp4"], "not a readable video"),
     "corrupt stream": (["input={d}/truncated.mp4"], "corrupt video stream"),
+    "animated WebP": (["input={d}/anim.webp"], "animated WebP cannot be decoded by this FFmpeg"),
     "start past the end": (["start=30"], "outside"),
     "end past the end": (["end=25"], "outside"),
     "mask of the wrong size": (["mask={d}/small_mask.png"], "mask"),
@@ -215,3 +232,99 @@ def test_bad_input_is_one_line_a_failure_status_and_no_output(case, files, tmp_p
     assert message in lines[0]
     assert not out.exists() or not any(out.iterdir())
     assert (files / "clip.mp4").read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory):
+    """Inputs of the kinds users hand in: a phone's portrait clip (landscape frames with a
+    90-degree display turn), variable-rate mp4 with AAC, a GIF, an IP camera's mu-law AVI,
+    and an AVI whose audio codec FFmpeg does not know."""
+    folder = tmp_path_factory.mktemp("field")
+    landscape = media_files.write_media(folder / "landscape.mp4", media_files.indexed_frames(8))
+    media_files.with_display_matrix(landscape, folder / "phone.mp4", -90)
+    pts = [3000 * i for i in range(5)] + [15000 + 18000 * i for i in range(5)]
+    media_files.write_media(
+        folder / "vfr.mp4",
+        media_files.indexed_frames(10),
+        pts=pts,
+        time_base=Fraction(1, 90000),
+        audio=media_files.clicks(1.2, 16000),
+    )
+    media_files.write_animation(folder / "anim.gif", media_files.indexed_frames(6), [100] * 6)
+    for name in ("camera.avi", "odd.avi"):
+        media_files.write_media(
+            folder / name,
+            media_files.indexed_frames(8),
+            video_codec="mpeg4",
+            audio=media_files.clicks(8 / FPS, 8000),
+            audio_rate=8000,
+            audio_codec="pcm_mulaw",
+        )
+    media_files.unknown_audio_codec(folder / "odd.avi")
+    write_training_checkpoint(folder / "tiny.ckpt")
+    return folder
+
+
+def edit_field(field, tmp_path, name, *overrides):
+    """infer.run on ``field / name`` at 64 px (aspect kept), with a preview."""
+    out = tmp_path / "edited.mp4"
+    fast = [a for a in FAST if not a.startswith(("resolution", "size_multiple"))]
+    args = [f"input={field / name}", f"output={out}", f"checkpoint={field / 'tiny.ckpt'}"]
+    args += ["reference_frame=0", *fast, "resolution=64", "size_multiple=16", "preview=true"]
+    return out, infer.run(config(*args, *overrides))
+
+
+def test_a_portrait_phone_video_is_edited_upright(field, tmp_path):
+    out, outcome = edit_field(field, tmp_path, "phone.mp4", "max_frames=4")
+    assert outcome["rotation"] == 90 and outcome["size"]["output"] == [64, 48]
+    assert (outcome["source"]["height"], outcome["source"]["width"]) == (64, 48)
+    frames, _ = read(out)
+    assert frames.shape == (4, 64, 48, 3)  # portrait, as players show the input
+    preview, _ = read(out.with_name("edited.preview.mp4"))
+    seen = preview[0, :, :48].astype(float)  # the input as the model saw it
+    assert seen[:8, -8:].mean() > 200 and seen[:8, :8].mean() < 120  # the mark: top right
+
+
+def test_a_variable_rate_video_keeps_its_frame_times_and_audio_sync(field, tmp_path):
+    out, outcome = edit_field(field, tmp_path, "vfr.mp4", "start=2")
+    assert outcome["frames"]["timing"] == "source timestamps"
+    expected = [0, 1 / 30, 2 / 30] + [(15000 + 18000 * i) / 90000 - 2 / 30 for i in range(5)]
+    assert outcome["frames"]["times_s"] == pytest.approx(expected)
+    times, video_end = media_files.video_times(out)
+    assert times == pytest.approx(expected, abs=1e-4)
+    assert outcome["audio"] == "transcoded to aac from aac"
+    samples, rate, start, audio_end = media_files.audio_of(out)
+    assert start == 0 and abs(audio_end - video_end) <= 1 / 30
+    assert outcome["audio_span_s"] == pytest.approx([2 / 30, 2 / 30 + video_end], abs=1e-3)
+    clicks = [t - 2 / 30 for t in (0.125, 0.375, 0.625, 0.875)]  # media_files.clicks
+    assert media_files.click_times(samples, rate) == pytest.approx(clicks, abs=0.003)
+
+
+def test_a_gif_is_edited(field, tmp_path):
+    out, outcome = edit_field(field, tmp_path, "anim.gif")
+    assert outcome["source"]["format"] == "gif" and outcome["frames"]["count"] == 6
+    assert outcome["frames"]["timing"] == "constant rate" and outcome["frames"]["fps"] == 10
+    assert outcome["audio"] == "none" and read(out)[0].shape == (6, 48, 64, 3)
+
+
+def test_camera_audio_is_transcoded_to_aac_before_the_edit(field, tmp_path, capfd):
+    out, outcome = edit_field(field, tmp_path, "camera.avi", "end=6")
+    assert outcome["audio"] == "transcoded to aac from pcm_mulaw"
+    with av.open(str(out)) as container:
+        assert container.streams.audio[0].codec_context.name == "aac"
+    _, _, _, audio_end = media_files.audio_of(out)
+    assert abs(audio_end - media_files.video_times(out)[1]) <= 1 / FPS
+
+
+def test_audio_ffmpeg_cannot_decode_is_dropped_with_the_reason(field, tmp_path, capfd):
+    out = tmp_path / "edited.mp4"
+    fast = [a for a in FAST if not a.startswith(("resolution", "size_multiple"))]
+    args = [f"input={field / 'odd.avi'}", f"output={out}", f"checkpoint={field / 'tiny.ckpt'}"]
+    cfg = config(*args, "reference_frame=0", *fast, "resolution=64", "size_multiple=16")
+    assert infer.cli(cfg) == 0
+    assert "audio dropped: its codec is unknown to FFmpeg" in capfd.readouterr().out
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["audio"] == "dropped: its codec is unknown to FFmpeg (no decoder)"
+    assert sidecar["audio_span_s"] is None
+    with av.open(str(out)) as container:
+        assert not container.streams.audio

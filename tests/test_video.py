@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.audio import plan_audio, prepare_audio
 from data.io import write_video
 from data.video import MediaReadError, read_clip
 
@@ -136,8 +137,10 @@ def test_write_video_copies_the_source_audio(tmp_path):
                "-i", "sine=frequency=440:sample_rate=16000", "-t", "1", "-c:v", "libx264",
                "-c:a", "aac", "-pix_fmt", "yuv420p", str(source)]  # fmt: skip
     subprocess.run(command, check=True)
+    track = prepare_audio(plan_audio(source), (0.0, 1.0), frame_s=0.1)
+    assert track.description == "copied"
     frames = torch.zeros(10, 3, 64, 64)
-    out = write_video(tmp_path / "edited.mp4", frames, 10, audio_from=source)
+    out = write_video(tmp_path / "edited.mp4", frames, 10, audio=track)
     with av.open(str(out)) as container:
         assert len(container.streams.video) == 1 and len(container.streams.audio) == 1
         assert container.streams.audio[0].codec_context.name == "aac"
