@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from jobs.evaluation.modes import run
 from jobs.evaluation.settings import EvalError
+from jobs.overrides import EVAL_PATHS, quote_path_overrides
 from model.weights.checkpoint import CheckpointError
 
 
@@ -44,4 +45,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_path_overrides(sys.argv, EVAL_PATHS)  # file names as typed in a shell
     main()

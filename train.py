@@ -13,6 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from jobs.overrides import TRAIN_PATHS, quote_path_overrides
 from jobs.training import config_error_line, fit, setup
 
 
@@ -30,4 +31,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_path_overrides(sys.argv, TRAIN_PATHS)  # file names as typed in a shell
     main()

@@ -93,14 +93,14 @@ def test_cli_edits_a_video_three_windows_long_with_audio_preview_and_sidecar(fil
         [sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"wrote {out}: 12 frames, 32x32, 12 fps" in done.stdout
+    assert f"wrote {out}: 12 frames, 32x24, 12 fps" in done.stdout  # 64x48 in: aspect kept
     frames, fps = read(out)
-    assert frames.shape == (12, 32, 32, 3) and fps == pytest.approx(FPS)
+    assert frames.shape == (12, 24, 32, 3) and fps == pytest.approx(FPS)
     with av.open(str(out)) as container:
         assert container.streams.video[0].codec_context.name == "h264"
         assert len(container.streams.audio) == 1
     preview, _ = read(out.with_name("edited.preview.mp4"))
-    assert preview.shape == (12, 32, 96, 3)
+    assert preview.shape == (12, 24, 96, 3)
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["checkpoint"]["sha256"] == file_sha256(files / "tiny.ckpt")
     assert sidecar["seed"] == 3 and sidecar["settings"]["steps"] == 2
@@ -112,7 +112,7 @@ def test_cli_edits_a_video_three_windows_long_with_audio_preview_and_sidecar(fil
         "times_s": [i / FPS for i in range(12)],
         "duration_s": 1.0,
     }
-    assert sidecar["size"] == {"output": [32, 32], "latent": [8, 8]}
+    assert sidecar["size"] == {"output": [24, 32], "working": [32, 32], "latent": [8, 8]}
     assert sidecar["windows"] == [[0, 4], [3, 7], [6, 10], [8, 12]]  # 3x the window length
     assert sidecar["audio"] == "transcoded to aac from aac"  # cut to the kept second
     assert sidecar["audio_span_s"] == pytest.approx([0, 1]) and sidecar["rotation"] == 0
@@ -165,8 +165,8 @@ def test_frame_range_stride_prompt_and_mask(files, tmp_path):
     assert outcome["audio"] == "transcoded to aac from aac"
     assert outcome["audio_span_s"] == pytest.approx([2 / FPS, 17 / FPS])  # 5 frames of 3
     frames, fps = read(out)
-    assert frames.shape == (5, 32, 32, 3) and fps == pytest.approx(FPS / 3)
-    source = media.read_frames(files / "clip.mp4", [2, 5, 8, 11, 14], (32, 32))
+    assert frames.shape == (5, 24, 32, 3) and fps == pytest.approx(FPS / 3)
+    source = media.read_frames(files / "clip.mp4", [2, 5, 8, 11, 14], (24, 32))
     edited = outcome["result"].frames  # the masked (left) half is edited, the right half kept
     assert torch.equal(edited[..., 17:], source[..., 17:])
     assert (edited[..., :15] - source[..., :15]).abs().mean() > 0.1
@@ -204,6 +204,7 @@ BAD = {
     "animated WebP": (["input={d}/anim.webp"], "animated WebP cannot be decoded by this FFmpeg"),
     "start past the end": (["start=30"], "outside"),
     "end past the end": (["end=25"], "outside"),
+    "reversed range": (["start=10", "end=5"], "is reversed"),
     "mask of the wrong size": (["mask={d}/small_mask.png"], "mask"),
     "mask video of the wrong length": (["mask={d}/short.mp4"], "has 12 frames"),
     "prompt without a prior": (["reference_frame=null", "prompt=cube", "prior=null"], "prior"),
@@ -328,3 +329,89 @@ def test_audio_ffmpeg_cannot_decode_is_dropped_with_the_reason(field, tmp_path, 
     assert sidecar["audio_span_s"] is None
     with av.open(str(out)) as container:
         assert not container.streams.audio
+
+
+@pytest.fixture(scope="module")
+def odd_clip(tmp_path_factory):
+    """An 88x36 clip (a 2.44:1 frame whose height is no multiple of 8), 6 frames."""
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    path = tmp_path_factory.mktemp("aspect") / "wide.mp4"
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+         f"testsrc2=size=88x36:rate={FPS}", "-t", "0.5", "-c:v", "libx264", "-pix_fmt",
+         "yuv420p", str(path)],
+        check=True,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(
+    ("resolution", "output", "working"),
+    [("source", [36, 88], [40, 88]), ("64", [26, 64], [32, 64]), ("40", [16, 40], [16, 40])],
+)
+def test_the_output_keeps_the_aspect_and_source_keeps_the_size(
+    files, odd_clip, tmp_path, resolution, output, working
+):
+    """No squashing to a square, no rounding of sides to 64: the output has the source's aspect
+    (its exact size with resolution=source); the model works on it padded and it is cropped
+    back."""
+    fast = [a for a in FAST if not a.startswith(("resolution", "size_multiple"))]
+    out = tmp_path / "wide_out.mp4"
+    cfg = config(
+        f"input={odd_clip}", f"output={out}", f"checkpoint={files / 'tiny.ckpt'}",
+        "reference_frame=0", "max_frames=2", f"resolution={resolution}", *fast,
+    )  # fmt: skip
+    outcome = infer.run(cfg)
+    assert outcome["size"]["output"] == output and outcome["size"]["working"] == working
+    assert read(out)[0].shape[1:3] == tuple(output)
+    assert outcome["result"].frames.shape[-2:] == tuple(output)
+
+
+def test_any_file_name_works_as_typed_in_a_shell(files, tmp_path):
+    """Names Hydra's grammar reserves (=, commas, brackets, quotes, #, spaces, non-ASCII) work
+    unquoted as input, output, checkpoint and reference."""
+    weird = tmp_path / "vidéo_日本 it's"
+    weird.mkdir()
+    video = weird / "clip,v2 (1) #[a].mp4"
+    video.write_bytes((files / "clip.mp4").read_bytes())
+    checkpoint = weird / "epoch=3-step=400.ckpt"
+    checkpoint.write_bytes((files / "tiny.ckpt").read_bytes())
+    reference = weird / "it's.png"
+    reference.write_bytes((files / "red.png").read_bytes())
+    out = weird / "out, edited (final).mp4"
+    args = [f"input={video}", f"output={out}", f"checkpoint={checkpoint}", f"reference={reference}"]
+    done = subprocess.run(
+        [sys.executable, "infer.py", *args, "max_frames=2", *FAST],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and out.is_file()
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["input"] == str(video) and sidecar["settings"]["reference"] == str(reference)
+
+
+def test_ctrl_c_is_one_line_and_leaves_nothing(files, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("jobs.editing.run.edit_video", interrupted)
+    out = tmp_path / "out" / "edited.mp4"
+    args = [f"input={files / 'clip.mp4'}", f"output={out}", f"checkpoint={files / 'tiny.ckpt'}"]
+    assert infer.cli(config(*args, "reference_frame=0", *FAST)) == 130
+    assert capsys.readouterr().err == "infer.py: interrupted; nothing was written\n"
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_it_says_what_is_about_to_happen(files, tmp_path, caplog):
+    args = [f"input={files / 'clip.mp4'}", f"output={tmp_path / 'x.mp4'}"]
+    args += [f"checkpoint={files / 'tiny.ckpt'}", "reference_frame=0", "end=12", *FAST]
+    with caplog.at_level("INFO", logger="infer"):
+        infer.run(config(*args, "strength=0.5", "steps=4"))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "infer"]
+    assert line == (
+        "editing 12 frames at 32x24 (padded to 32x32), latents 8x8, 4 window(s) of up to 4 "
+        "frames, 2 of 4 dpmpp_2m steps, on cpu in float32"
+    )

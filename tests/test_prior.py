@@ -17,6 +17,8 @@ import infer
 from data.captions import CaptionEmbeddingDataModule, CaptionEmbeddingDataset
 from data.io import write_video
 from data.synthetic import SyntheticWorldDataset
+from jobs.editing import models
+from jobs.editing.request import InferError
 from jobs.training import train
 from model.editing.content import text_content
 from model.encoders.clip import load_clip
@@ -223,13 +225,13 @@ def test_infer_loads_the_prior_and_refuses_a_wrong_one(tmp_path):
     path = export_prior(small_prior(), tmp_path / "p.safetensors")
     cfg = infer_config("input=x.mp4", "output=y.mp4", "checkpoint=c", f"prior={path}")
     text = torch.randn(1, 32)
-    fn = infer.prompt_prior(cfg, 32, "cpu", seed=7)
+    fn = models.prompt_prior(cfg, 32, "cpu", seed=7)
     assert torch.equal(fn(text), prior_function(small_prior(), seed=7, num_candidates=2)(text))
-    with pytest.raises(infer.InferError, match="another CLIP"):
-        infer.prompt_prior(cfg, 768, "cpu", seed=7)
+    with pytest.raises(InferError, match="another CLIP"):
+        models.prompt_prior(cfg, 768, "cpu", seed=7)
     bad = infer_config("input=x.mp4", "output=y.mp4", "checkpoint=c", f"prior={CLIP['weights']}")
-    with pytest.raises(infer.InferError, match="not a prior file"):
-        infer.prompt_prior(bad, 32, "cpu", seed=7)
+    with pytest.raises(InferError, match="not a prior file"):
+        models.prompt_prior(bad, 32, "cpu", seed=7)
 
 
 def test_infer_edits_a_video_from_a_prompt_through_the_prior(tmp_path):

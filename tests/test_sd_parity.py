@@ -87,6 +87,12 @@ def test_unet_matches_ldm_and_diffusers(sd_file):
     assert out.abs().max() > 0.1  # a real signal, not zeros
     assert (out - reference).abs().max() < TOL
     assert (out - via_diffusers).abs().max() < TOL
+    # Any latent size (diffusers' forward_upsample_size; ldm cannot): odd sides halved on the
+    # way down come back to the skip connection's size.
+    odd = x[:, :, :13, :7]
+    out = ours(odd, t, context)
+    assert out.shape == odd.shape
+    assert (out - diff_unet(odd, t, encoder_hidden_states=context).sample).abs().max() < TOL
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from PIL import Image
 
 from data.datamodule import JointBatchSampler, JointDataset
 from data.datasets import VideoClipDataset
+from jobs.editing.run import run
 from jobs.training import ConfigError, build_model, build_trainer, check_config, train
 from tests.sd_layout import ROOT
 
@@ -250,6 +251,21 @@ def test_videos_with_corrupt_and_empty_files_train_and_report(tmp_path, video_fo
     assert trainer.global_step == 4
     skipped = trainer.datamodule.skipped_files()
     assert sorted(Path(p).name for p in skipped) == ["corrupt.mp4", "empty.mp4"]
+    # Its checkpoint edits a video with no other overrides (the bundled tiny MiDaS inside).
+    out = tmp_path / "edited.mp4"
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(
+            "infer",
+            overrides=[
+                f"input={video_folder / 'good0.mp4'}",
+                f"output={out}",
+                f"checkpoint={tmp_path / 'checkpoints' / 'last.ckpt'}",
+                "steps=2",
+                "max_frames=2",
+                "progress=false",
+            ],
+        )
+    assert run(cfg)["frames"]["count"] == 2 and out.is_file()
 
 
 def test_ddp_runs_two_cpu_processes(tmp_path):

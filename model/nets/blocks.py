@@ -172,14 +172,25 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution; to ``output_size`` (the
+    skip connection's size) instead where an odd size was halved on the way down, as
+    diffusers' ``forward_upsample_size`` does, so the UNet takes any latent size."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, *_: object) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        frames: Frames | None = None,
+        output_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        if output_size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(output_size), mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -191,7 +202,12 @@ class TimestepEmbedSequential(nn.Sequential):
         emb: torch.Tensor,
         context: torch.Tensor | None = None,
         frames: Frames | None = None,
+        output_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        for layer in self:
+        """``output_size``, when given, goes to the last layer (an ``Upsample``)."""
+        last = len(self) - 1
+        for i, layer in enumerate(self):
+            if i == last and output_size is not None:
+                return layer(x, emb, context, frames, output_size)
             x = layer(x, emb, context, frames)
         return x

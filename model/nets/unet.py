@@ -151,6 +151,7 @@ class UNet(nn.Module):
         )
 
         self.output_blocks = nn.ModuleList()
+        self.upsamples: list[bool] = []  # per output block: does it end in an Upsample
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
                 layers = [resblock(ch + skip_channels.pop(), model_channels * mult)]
@@ -161,6 +162,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
+                self.upsamples.append(bool(level and i == num_res_blocks))
 
         self.out = nn.Sequential(
             normalization(ch),
@@ -215,16 +217,20 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, context, frames)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context, frames)
-        for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, frames)
+        for block, upsamples in zip(self.output_blocks, self.upsamples, strict=True):
+            h = torch.cat([h, skips.pop()], dim=1)
+            size = None
+            if upsamples and tuple(skips[-1].shape[-2:]) != (2 * h.shape[-2], 2 * h.shape[-1]):
+                size = tuple(skips[-1].shape[-2:])  # an odd size was halved on the way down
+            h = self._run(block, h, emb, context, frames, size)
         out = self.out(h)
         return out.unflatten(0, (batch, num_frames)) if video else out
 
-    def _run(self, block, h, emb, context, frames):
+    def _run(self, block, h, emb, context, frames, output_size=None):
         """Run one block, through activation checkpointing when training with it on."""
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, frames, use_reentrant=False)
-        return block(h, emb, context, frames)
+            return checkpoint(block, h, emb, context, frames, output_size, use_reentrant=False)
+        return block(h, emb, context, frames, output_size)
 
     def _frames(self, num_frames, batch, temporal, device) -> Frames | None:
         """The temporal-layer schedule of a video batch; None runs the image model."""

@@ -1,0 +1,88 @@
+"""Everything an edit reads from disk, read before the model is loaded: the video's frames
+(upright, at the working size), their output timing, the audio of the kept span, the
+reference, mask and depth files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from data.audio import AudioTrack
+from data.io import FrameTimes
+from data.media import (
+    SourceVideo,
+    output_timing,
+    probe_video,
+    read_audio,
+    read_depth,
+    read_frames,
+    read_image,
+    read_mask,
+)
+from jobs.editing.request import (
+    Geometry,
+    InferError,
+    check_request,
+    edit_settings,
+    frame_indices,
+    plan_geometry,
+    resolution,
+)
+from model.editing.settings import (
+    check_settings,
+)
+
+
+@dataclass
+class Inputs:
+    """Everything read from disk before the model is loaded."""
+
+    source: SourceVideo
+    geometry: Geometry  # output size (aspect kept) and the padded working size
+    indices: list[int]  # source frames used
+    frames: torch.Tensor  # (1, F, 3, H, W) in [-1, 1], at the working size
+    reference: np.ndarray | None  # reference image (H, W, 3) uint8
+    mask: torch.Tensor | None  # (1, F or 1, 1, H, W) in [0, 1], at the working size
+    depth: torch.Tensor | None  # (1, F, 1, H, W), at the working size
+    times: FrameTimes  # when each output frame shows
+    timing: str  # "constant rate" or "source timestamps"
+    audio: AudioTrack  # the kept span's audio, ready to mux (or why there is none)
+
+
+def pad(geometry: Geometry, video: torch.Tensor | None) -> torch.Tensor | None:
+    """A mask or depth video at the output size, padded to the working size (None passes)."""
+    return None if video is None else geometry.pad(video)
+
+
+def read_inputs(cfg: DictConfig) -> Inputs:
+    """Check the request and read every input file; any problem is an InferError."""
+    check_request(cfg)
+    try:
+        check_settings(edit_settings(cfg))
+    except ValueError as err:
+        raise InferError(str(err)) from err
+    source = probe_video(cfg.input)
+    geometry = plan_geometry(source.height, source.width, resolution(cfg), cfg.size_multiple)
+    size = geometry.output
+    indices = frame_indices(source, cfg.start, cfg.end, cfg.stride, cfg.max_frames)
+    times, span_s, timing = output_timing(source, indices, cfg.stride)
+    if cfg.reference_frame is not None and not 0 <= cfg.reference_frame < source.num_frames:
+        raise InferError(
+            f"reference_frame={cfg.reference_frame} is outside the input's "
+            f"{source.num_frames} frames"
+        )
+    return Inputs(
+        source=source,
+        geometry=geometry,
+        indices=indices,
+        frames=geometry.pad(read_frames(source, indices, size)),
+        reference=read_image(cfg.reference) if cfg.reference is not None else None,
+        mask=pad(geometry, read_mask(cfg.mask, source, indices, size) if cfg.mask else None),
+        depth=pad(geometry, read_depth(cfg.depth, source, indices, size) if cfg.depth else None),
+        times=times,
+        timing=timing,
+        audio=read_audio(source, span_s),  # cut and encoded now: writing cannot fail on it
+    )

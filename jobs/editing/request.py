@@ -1,0 +1,160 @@
+"""What infer.py is asked to do, checked before anything is read: the required keys, one
+content source, the frame range, the working size, the settings, the device and precision."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from data.media import (
+    SourceVideo,
+)
+from model.editing.settings import (
+    EditSettings,
+    settings_from_config,
+)
+from model.weights.release import default_noise_correlation, native_resolution
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+class InferError(Exception):
+    """A bad input or setting, reported to the user as one line."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an edit's pixels live. ``output`` (H, W) keeps the source's aspect ratio (exactly
+    the source's size with ``resolution=source``), both sides even as H.264's 4:2:0 needs;
+    the model works on ``working``, the output padded at the bottom and right (edge pixels
+    repeated) to a multiple of the VAE's factor, and the edit is cropped back."""
+
+    output: tuple[int, int]
+    working: tuple[int, int]
+
+    def pad(self, video: torch.Tensor) -> torch.Tensor:
+        """``(B, F, C, H, W)`` at the output size -> at the working size (edges repeated)."""
+        (h, w), (ph, pw) = self.output, self.working
+        if (h, w) == (ph, pw):
+            return video
+        flat = F.pad(video.flatten(0, 1), (0, pw - w, 0, ph - h), mode="replicate")
+        return flat.unflatten(0, video.shape[:2])
+
+    def crop(self, video: torch.Tensor) -> torch.Tensor:
+        """``(..., H, W)`` at the working size -> the output size."""
+        return video[..., : self.output[0], : self.output[1]]
+
+
+def plan_geometry(height: int, width: int, resolution: int | None, multiple: int) -> Geometry:
+    """The output and working sizes of a ``height`` x ``width`` source (pixels): longest side
+    ``resolution`` (None: the source's own size), aspect kept to the nearest even pixel."""
+    if resolution is not None and resolution < 8:
+        raise InferError(f"resolution must be at least 8 pixels, got {resolution}")
+    if multiple < 1:
+        raise InferError(f"size_multiple must be >= 1, got {multiple}")
+    scale = 1.0 if resolution is None else resolution / max(height, width)
+    output = tuple(max(2, 2 * round(side * scale / 2)) for side in (height, width))
+    working = tuple(math.ceil(side / multiple) * multiple for side in output)
+    return Geometry(output, working)
+
+
+def resolution(cfg: DictConfig) -> int | None:
+    """The longest working side: a number, the checkpoint's native one, or None (the source's)."""
+    if cfg.resolution == "native":
+        if not Path(cfg.checkpoint).is_file():
+            raise InferError(f"checkpoint not found: {cfg.checkpoint}")
+        return native_resolution(cfg.checkpoint)
+    if cfg.resolution == "source":
+        return None
+    if not isinstance(cfg.resolution, int):
+        raise InferError(f"resolution must be native, source or a number, got {cfg.resolution!r}")
+    return cfg.resolution
+
+
+def frame_indices(source: SourceVideo, start: int, end, stride: int, max_frames) -> list[int]:
+    """Source frames ``start, start + stride, ...`` before ``end``, at most ``max_frames``."""
+    total = source.num_frames
+    end = total if end is None else end
+    if stride < 1:
+        raise InferError(f"stride must be >= 1, got {stride}")
+    if max_frames is not None and max_frames < 1:
+        raise InferError(f"max_frames must be >= 1, got {max_frames}")
+    if 0 <= start < total and end <= start:
+        raise InferError(
+            f"frame range start={start} end={end} is reversed (or empty): end must be after "
+            f"start (the input has {total} frames)"
+        )
+    if not (0 <= start < end <= total):
+        raise InferError(
+            f"frame range start={start} end={end} is outside {source.path}, which has "
+            f"{total} frames (0 <= start < end <= {total})"
+        )
+    return list(range(start, end, stride))[:max_frames]
+
+
+def check_request(cfg: DictConfig) -> None:
+    """Required keys, one content source, the prompt's prior, the output path."""
+    for key in ("input", "output", "checkpoint"):
+        if OmegaConf.is_missing(cfg, key) or cfg[key] in (None, ""):
+            raise InferError(
+                f"{key}=... is required (python infer.py input=IN.mp4 output=OUT.mp4 "
+                "checkpoint=FILE reference=IMAGE)"
+            )
+    given = [k for k in ("reference", "prompt", "reference_frame") if cfg[k] is not None]
+    if not given and cfg.get("default_reference") is not None:
+        with open_dict(cfg):  # recorded in the sidecar as the reference it was
+            cfg.reference = cfg.default_reference
+        given = ["reference"]
+    if len(given) != 1:
+        raise InferError(
+            "give exactly one content source: reference=IMAGE, prompt=TEXT or reference_frame=K"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    if cfg.prompt is not None:
+        if cfg.prompt_mode not in ("prior", "direct"):
+            raise InferError(f"prompt_mode must be 'prior' or 'direct', got {cfg.prompt_mode!r}")
+        if cfg.prompt_mode == "prior" and cfg.prior is None:
+            raise InferError(
+                "prompt=... with prompt_mode=prior needs a text-to-image-embedding prior, and "
+                "none is configured: set prior=FILE (release.py CKPT OUT --component prior), "
+                "use reference=IMAGE, or prompt_mode=direct for the CLIP text embedding as is"
+            )
+        if cfg.prompt_mode == "prior" and not Path(cfg.prior).is_file():
+            raise InferError(f"prior={cfg.prior}: no such prior file")
+    inp, out = Path(cfg.input), Path(cfg.output)
+    if out.suffix.lower() != ".mp4":
+        raise InferError(f"output must be an .mp4 file, got {out}")
+    if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and out.samefile(inp)):
+        raise InferError(f"output {out} is the input: the input is never overwritten")
+    if cfg.precision not in ("auto", *DTYPES):
+        raise InferError(f"precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}")
+
+
+def edit_settings(cfg: DictConfig) -> EditSettings:
+    """The sampling settings of the config (an unresolved ``noise_correlation`` as 0)."""
+    return settings_from_config(cfg, noise_correlation=cfg.noise_correlation or 0.0)
+
+
+def resolve_checkpoint_defaults(cfg: DictConfig) -> None:
+    """Settings left null take the checkpoint's own ``sampling`` defaults (else the stock)."""
+    if cfg.noise_correlation is None and Path(cfg.checkpoint).is_file():
+        cfg.noise_correlation = default_noise_correlation(cfg.checkpoint)
+
+
+def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]:
+    device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if cfg.device == "auto"
+        else torch.device(cfg.device)
+    )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferError(f"device={cfg.device}: no CUDA device is available")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    return device, DTYPES[precision]
