@@ -381,7 +381,7 @@ def test_any_file_name_works_as_typed_in_a_shell(files, tmp_path):
     out = weird / "out, edited (final).mp4"
     args = [f"input={video}", f"output={out}", f"checkpoint={checkpoint}", f"reference={reference}"]
     done = subprocess.run(
-        [sys.executable, "infer.py", *args, "max_frames=2", *FAST],
+        [sys.executable, "infer.py", *args, "max_frames=2", *FAST, "progress=true"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -389,6 +389,8 @@ def test_any_file_name_works_as_typed_in_a_shell(files, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and out.is_file()
+    # stderr is a pipe, not a terminal: no progress-bar redraws in it, only whole lines
+    assert "\r" not in done.stderr and "\x1b[" not in done.stderr
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["input"] == str(video) and sidecar["settings"]["reference"] == str(reference)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import sys
 import time
 
 import torch
@@ -67,7 +68,8 @@ def run(cfg: DictConfig) -> dict:
         mask=inputs.mask,
         generator=torch.Generator().manual_seed(seed),
         autocast_dtype=dtype,
-        progress=cfg.progress,
+        # Bars redraw in place: on a terminal only; a log file gets the lines around them.
+        progress=cfg.progress and sys.stderr.isatty(),
     )
     geometry = inputs.geometry
     depth = geometry.crop(result.depth) if result.depth is not None else None

@@ -165,7 +165,7 @@ def sample_euler(denoiser, x, sigmas, extra_args=None, callback=None, disable=No
     """
     extra_args = extra_args or {}
     s_in = x.new_ones(x.shape[0])
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in trange(len(sigmas) - 1, desc="steps", disable=disable):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         _report(callback, x, i, sigmas[i], denoised)
         d = (x - denoised) / sigmas[i]
@@ -193,7 +193,7 @@ def sample_euler_ancestral(
     extra_args = extra_args or {}
     noise_sampler = _noise_source(x, noise_sampler, generator)
     s_in = x.new_ones(x.shape[0])
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in trange(len(sigmas) - 1, desc="steps", disable=disable):
         denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
         _report(callback, x, i, sigmas[i], denoised)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -219,7 +219,7 @@ def sample_heun(denoiser, x, sigmas, extra_args=None, callback=None, disable=Non
     """
     extra_args = extra_args or {}
     s_in = x.new_ones(x.shape[0])
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in trange(len(sigmas) - 1, desc="steps", disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in, **extra_args)
         _report(callback, x, i, sigma, denoised)
@@ -242,7 +242,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, extra_args=None, callback=None, disable
     extra_args = extra_args or {}
     s_in = x.new_ones(x.shape[0])
     old_denoised, h_last = None, None
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in trange(len(sigmas) - 1, desc="steps", disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in, **extra_args)
         _report(callback, x, i, sigma, denoised)
@@ -284,7 +284,7 @@ def sample_dpmpp_2m_sde(
     noise_sampler = _noise_source(x, noise_sampler, generator)
     s_in = x.new_ones(x.shape[0])
     old_denoised, h_last = None, None
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in trange(len(sigmas) - 1, desc="steps", disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in, **extra_args)
         _report(callback, x, i, sigma, denoised)
@@ -326,7 +326,7 @@ def sample_ddim(
     extra_args = extra_args or {}
     noise_sampler = _noise_source(x, noise_sampler, generator)
     s_in = x.new_ones(x.shape[0])
-    for i in trange(len(sigmas) - 1, disable=disable):
+    for i in trange(len(sigmas) - 1, desc="steps", disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in, **extra_args)
         _report(callback, x, i, sigma, denoised)

@@ -80,7 +80,7 @@ def decode_latents(vae, latents: torch.Tensor, chunk_size: int, progress: bool =
     """Pixels ``(B, F, 3, H, W)`` on the CPU in [-1, 1], decoded a chunk of frames at a time,
     so the decoder's activations never hold more than ``chunk_size`` frames."""
     chunks = _chunks(latents.shape[1], chunk_size)
-    bar = tqdm(chunks, desc="decode", leave=False, disable=not progress)
+    bar = tqdm(chunks, desc="VAE decode", leave=False, disable=not progress)
     return torch.cat([vae.decode(latents[:, s]).float().clamp(-1, 1).cpu() for s in bar], dim=1)
 
 
