@@ -24,7 +24,9 @@ def tiny_gen1(temporal: bool = False):
     so that its predictions depend on their inputs; with ``temporal``, its temporal layers too
     (else they stay zero and the video UNet works frame by frame)."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["run_dir=unused", "model.ema_decay=null"])
+        cfg = compose(
+            "train", overrides=["run_dir=unused", "model.ema_decay=null", "model.depth=null"]
+        )
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     gen = torch.Generator().manual_seed(1)

@@ -17,15 +17,10 @@ from tqdm.auto import tqdm
 
 from model.diffusion.guidance import Gen1Guidance, sample, sdedit_steps
 from model.diffusion.noise import frame_noise
-from model.diffusion.samplers import DiscreteDenoiser, get_sigmas, resolve_sampler
+from model.diffusion.samplers import DiscreteDenoiser, get_sigmas, resolve_sampler, sampler_kwargs
 from model.diffusion.windows import WindowedDenoiser, window_slices
 from model.editing.precision import autocast, inference_weights
-from model.editing.settings import (
-    EditSettings,
-    check_settings,
-    sampler_kwargs,
-    temporal_frame_limit,
-)
+from model.editing.settings import EditSettings, check_settings, temporal_frame_limit
 from model.encoders.structure import normalize_clip
 
 

@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
 
-from model.diffusion.samplers import resolve_sampler
+from model.diffusion.samplers import resolve_sampler, sampler_kwargs
 from model.diffusion.windows import window_slices
 from model.nets.temporal import TemporalAttention
 
@@ -53,16 +52,6 @@ def temporal_frame_limit(unet: torch.nn.Module) -> int | None:
     """The most frames the UNet's temporal attention takes (its position table), if it has any."""
     limits = [m.max_frames for m in unet.modules() if isinstance(m, TemporalAttention)]
     return min(limits) if limits else None
-
-
-def sampler_kwargs(sampler: Callable, eta: float | None, generator) -> dict:
-    params = inspect.signature(sampler).parameters
-    kwargs = {"generator": generator} if "generator" in params else {}
-    if eta is not None:
-        if "eta" not in params:
-            raise ValueError(f"sampler {sampler.__name__} is deterministic: it takes no eta")
-        kwargs["eta"] = eta
-    return kwargs
 
 
 def check_settings(settings: EditSettings, max_frames: int | None = None) -> None:
