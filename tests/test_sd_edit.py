@@ -204,3 +204,26 @@ def test_inpainting_models_take_mask_and_masked_latents(tmp_path):
     )  # fmt: skip
     keep = mask.expand_as(video) == 0
     torch.testing.assert_close(result.frames[keep], video[keep])  # outside the mask: the input
+
+
+@torch.no_grad()
+def test_half_precision_sd_edit_is_close_to_float32(tmp_path):
+    """Weights cast as infer.py casts them (norms stay float32), run under autocast (bf16 on
+    the CPU here; fp16 on a GPU): the prompt encodes and the edit stays near float32's."""
+    from model.editing.precision import cast_for_inference
+
+    path, _ = write_tiny_sd(tmp_path, "half.safetensors", tiny_config("sd1"))
+    full, half = load_sd(path), cast_for_inference(load_sd(path), torch.bfloat16)
+    video, settings = frames_of(3, 2), EditSettings(steps=3, strength=0.8)
+    results = [
+        edit_video(
+            model,
+            video,
+            model.encode_prompt(PROMPT, NEGATIVE),
+            settings,
+            generator=torch.Generator().manual_seed(0),
+            autocast_dtype=dtype,
+        ).frames
+        for model, dtype in ((full, None), (half, torch.bfloat16))
+    ]
+    assert (results[0] - results[1]).abs().mean() < 0.05

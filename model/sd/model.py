@@ -20,6 +20,7 @@ Conditioning is computed as SD's own code computes it (``ldm/models/diffusion/dd
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from model.encoders.text import TextEncoder
 from model.nets.autoencoder import AutoencoderKL
 from model.nets.unet import UNet
 from model.sd.config import SDConfig
+from model.sd.families import family_name
 
 DEPTH_EPS = 0.001  # ldm's guard in the per-image depth normalisation
 
@@ -129,12 +131,35 @@ class StableDiffusion(nn.Module):
         """The UNet sampling runs (there is no separate EMA copy at inference)."""
         return self.unet
 
+    def describe(self) -> dict:
+        """What this checkpoint is, as plain data (for an edit's sidecar): family, where the
+        architecture came from, parameterisation, text encoder, native resolution."""
+        c = self.config
+        return {
+            "kind": "sd",
+            "family": family_name(c),
+            "config_source": c.source,
+            "parameterization": c.parameterization,
+            "conditioning": c.conditioning,
+            "text_encoder": c.text_kind,
+            "clip_skip": self.text_encoder.clip_skip,
+            "native_resolution": c.native_resolution,
+            "path": self.path,
+        }
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> PromptEmbedding:
         """The hidden states of ``prompt`` and ``negative_prompt`` (None or "": the empty
         prompt, SD's unconditional), both through the checkpoint's text encoder in one call."""
         negative = negative_prompt or ""
-        hidden = self.text_encoder.encode([negative, prompt]).float()
+        params = list(self.text_encoder.parameters())
+        half = next((p.dtype for p in params if p.dtype != torch.float32), None)
+        # weights cast to half keep float32 LayerNorms (cast_for_inference): run under autocast
+        context = (
+            torch.autocast(params[0].device.type, dtype=half) if half else contextlib.nullcontext()
+        )
+        with context:
+            hidden = self.text_encoder.encode([negative, prompt]).float()
         return PromptEmbedding(hidden[1:], hidden[:1], prompt, negative)
 
     def model_fn(self, unet: nn.Module | None = None) -> Callable[..., torch.Tensor]:
