@@ -58,9 +58,12 @@ class EditableModel(Protocol):
         mask: torch.Tensor | None = None,
         t_s: int = 0,
         chunk_size: int = 8,
+        frames_independent: bool = False,
     ) -> tuple[dict, dict]:
         """``(cond, uncond)`` keyword arguments of ``model_fn`` for an edit of ``batch`` clips
         at ``latent_size``: ``uncond`` holds only what the unconditional branch replaces.
+        ``frames_independent``: the method runs every frame on its own, so no input of a
+        frame may depend on another frame (e.g. depth normalised per frame, not per clip).
         ``content`` is the model's own kind (Gen-1: a CLIP embedding ``(B or 1, 1, D)``; SD: a
         ``PromptEmbedding``)."""
         ...

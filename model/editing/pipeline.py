@@ -142,6 +142,7 @@ def edit_video(
             mask=mask,
             t_s=settings.t_s,
             chunk_size=settings.chunk_size,
+            frames_independent=method.frames_independent,
         )
         cond = {**cond, **method.cond_extra()}
         sampler, schedule_name = resolve_sampler(settings.sampler, settings.schedule)

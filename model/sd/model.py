@@ -188,11 +188,13 @@ class StableDiffusion(nn.Module):
         mask: torch.Tensor | None = None,
         t_s: int = 0,
         chunk_size: int = 8,
+        frames_independent: bool = True,
     ) -> tuple[dict, dict]:
         """``(cond, uncond)`` keyword arguments of ``model_fn`` for an edit of ``batch`` clips:
         ``context`` from ``content`` (a :class:`PromptEmbedding`; ``uncond`` replaces it by
         the negative prompt's), SD 2-depth's ``structure`` from ``depth``, inpainting's
-        ``concat`` from ``frames`` and ``mask``. ``t_s`` (Gen-1's depth blur) does not apply."""
+        ``concat`` from ``frames`` and ``mask``. ``t_s`` (Gen-1's depth blur) does not apply;
+        every input is per frame already (``frames_independent`` changes nothing)."""
         if not isinstance(content, PromptEmbedding):
             raise TypeError(
                 "an SD model is conditioned on a prompt: pass model.encode_prompt(prompt, "

@@ -207,13 +207,20 @@ class Gen1(pl.LightningModule):
         device: torch.device,
         depth: torch.Tensor | None = None,
         t_s: int = 0,
+        frames_independent: bool = False,
         **_: Any,
     ) -> tuple[dict, dict]:
         """``(cond, uncond)`` of an edit: content ``(B or 1, 1, D)`` (null content: zeros) and
-        the structure of ``depth`` ``(B, F, 1, H, W)`` at ``latent_size``, blurred ``t_s`` times.
-        Frames and masks (other models' conditioning) are not used."""
+        the structure of ``depth`` ``(B, F, 1, H, W)`` at ``latent_size``, blurred ``t_s`` times,
+        normalised over each clip, or over each frame alone when ``frames_independent`` (as
+        the image model saw single frames in training). Frames and masks are not used."""
         structure = None
-        if self.structure_channels:
+        if self.structure_channels and frames_independent:
+            b, f = depth.shape[:2]
+            alone = depth.reshape(b * f, 1, *depth.shape[2:])  # every frame a one-frame clip
+            structure = self.structure(None, latent_size, t_s, depth=alone)
+            structure = structure.reshape(b, f, *structure.shape[2:]).to(device)
+        elif self.structure_channels:
             structure = self.structure(None, latent_size, t_s, depth=depth).to(device)
         content = content.to(device).float().expand(batch, -1, -1)
         return {"context": content, "structure": structure}, {"context": torch.zeros_like(content)}

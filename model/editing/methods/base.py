@@ -16,6 +16,7 @@ class EditMethod(Protocol):
 
     name: str
     needs: str  # what a model must be to run it, for refusals
+    frames_independent: bool  # every frame runs alone: no input of one depends on another
 
     def noise(self, shape: tuple[int, ...], settings: Any, generator) -> torch.Tensor:
         """Unit Gaussian starting noise ``(B, F, C, h, w)`` on the CPU, drawn from

@@ -20,6 +20,7 @@ class Gen1Method:
 
     name = "gen1"
     needs = "a Gen-1 model: a video UNet conditioned on a CLIP content embedding"
+    frames_independent = False
 
     def noise(self, shape: tuple[int, ...], settings: Any, generator) -> torch.Tensor:
         return frame_noise(shape, settings.noise_correlation, generator)

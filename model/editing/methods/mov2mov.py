@@ -28,6 +28,7 @@ class Mov2Mov:
 
     name = "mov2mov"
     needs = "an image model (any SD checkpoint, or a Gen-1 UNet with its temporal layers off)"
+    frames_independent = True
 
     def noise(self, shape: tuple[int, ...], settings: Any, generator) -> torch.Tensor:
         batch, frames, *rest = shape
