@@ -181,6 +181,21 @@ def test_seed_reproduces_an_edit_and_another_seed_changes_it(gen1):
     assert a.min() >= -1 and a.max() <= 1
 
 
+def test_method_mov2mov_runs_the_video_model_frame_by_frame(temporal_gen1):
+    """The Gen-1 UNet with its temporal layers off is an image model too: under mov2mov a
+    frame's output ignores its neighbours, under the default video method it does not."""
+    frames, depth = video(3)
+    changed, changed_depth = frames.clone(), depth.clone()
+    other_frames, other_depth = video(1, seed=9)
+    changed[:, 1], changed_depth[:, 1] = other_frames[:, 0], 5 * other_depth[:, 0]
+    for method, coupled in (("mov2mov", False), (None, True)):
+        first = run(temporal_gen1, frames, depth, method=method, strength=0.6)
+        second = run(temporal_gen1, changed, changed_depth, method=method, strength=0.6)
+        assert first.method == (method or "gen1")
+        moved = (first.frames[:, [0, 2]] - second.frames[:, [0, 2]]).abs().max()
+        assert (moved > 1e-3) if coupled else (moved < 1e-5), (method, moved)
+
+
 def test_frame_noise_correlates_frames_by_the_share_asked_for():
     shape = (2, 3, 4, 32, 32)
     independent = frame_noise(shape, 0.0, torch.Generator().manual_seed(3))

@@ -13,6 +13,7 @@ import torch
 
 from model.diffusion.samplers import resolve_sampler, sampler_kwargs
 from model.diffusion.windows import window_slices
+from model.editing.methods import get_method
 from model.nets.temporal import TemporalAttention
 
 
@@ -34,6 +35,11 @@ class EditSettings:
     chunk_size: int = 8  # frames per VAE / depth call
     keep_unmasked_pixels: bool = True  # paste source pixels outside the mask after decoding
     prepack: bool = True  # fp32 on the CPU: weights prepacked for oneDNN (model.weights.prepack)
+    # False: the last step lands on timestep 0's noise level (alphas_cumprod[0]) instead of
+    # on clean latents, as SD's own DDIM configs do (diffusers' set_alpha_to_one=False, ldm's
+    # DDIMSampler); only to reproduce those exactly.
+    set_alpha_to_one: bool = True
+    method: str | None = None  # how frames are made consistent (None: the model's default)
 
 
 def settings_from_config(config: Mapping, **overrides) -> EditSettings:
@@ -56,6 +62,8 @@ def temporal_frame_limit(unet: torch.nn.Module) -> int | None:
 
 def check_settings(settings: EditSettings, max_frames: int | None = None) -> None:
     """Raise ValueError naming the first setting that is out of range."""
+    if settings.method is not None:
+        get_method(settings.method)
     if settings.steps < 1:
         raise ValueError(f"steps must be >= 1, got {settings.steps}")
     if settings.t_s < 0:
