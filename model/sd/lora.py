@@ -305,8 +305,9 @@ def merge_loras(
     merged: MergedLoras | None = None,
 ) -> MergedLoras:
     """Merge each ``(file, weight)`` into ``unet`` (an SD or Gen-1 ``UNet``) and
-    ``text_encoder``: ``W += weight * alpha / r * up @ down``, computed in float32 and cast to
-    the weight's dtype. ``skip_text``: a model without a text encoder (Gen-1, conditioned on
+    ``text_encoder``: ``W += weight * alpha / r * up @ down``, summed in float32 and rounded
+    once to the weight's dtype (fp16 weights merge as fp32 ones then cast would, to one
+    rounding). ``skip_text``: a model without a text encoder (Gen-1, conditioned on
     CLIP image embeddings) leaves a file's text-encoder part out (recorded as skipped) instead
     of refusing it. Every file is checked before any weight changes.
 
@@ -336,7 +337,7 @@ def merge_loras(
             view = param[target.rows] if target.rows is not None else param
             alpha = pair.rank if pair.alpha is None else pair.alpha
             delta = _fit(pair.delta(), view.shape, pair.key) * (weight * alpha / pair.rank)
-            view += delta.to(device=param.device, dtype=param.dtype)
+            view.copy_((view.float() + delta.to(param.device)).to(param.dtype))
         merged.applied.append(
             {
                 "file": lora.path,
