@@ -60,6 +60,7 @@ def test_an_sd_edit_with_loras_records_them(loras, tmp_path):
     assert zero["lora"][0]["weight"] == 0.0
 
 
+@pytest.mark.slow  # ~11 s; the SD path above covers infer's LoRA handling
 def test_a_gen1_edit_takes_an_sd_loras_unet_part(loras, tmp_path):
     out = tmp_path / "gen1.mp4"
     outcome = infer.run(

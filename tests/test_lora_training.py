@@ -4,6 +4,7 @@ and writes it in kohya's format; merged back into the base it is the trained UNe
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -15,6 +16,7 @@ from model.sd.lora import merge_loras, read_lora
 from tests.sd_layout import ROOT
 
 
+@pytest.mark.slow  # ~40 s: Lightning's setup around 3 steps
 def test_train_py_writes_a_kohya_lora_that_merges_into_the_trained_unet(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
