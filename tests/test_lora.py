@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from model.nets.unet import UNet
-from model.sd.lora import merge_loras, read_lora
 from model.sd.loading import load_sd
+from model.sd.lora import merge_loras, read_lora
 from model.weights.checkpoint import CheckpointError
 from tests.lora_files import write_kohya_lora, write_peft_lora
 from tests.sd_files import tiny_config, write_tiny_sd
@@ -125,11 +125,9 @@ def test_sd15_lora_applies_to_the_gen1_unet(tmp_path):
     width = sd.text_encoder.config.width
     params = {**config("unet", "tiny"), "context_dim": width}
     video = UNet(**{**params, "in_channels": 5}, temporal=True)
-    state = {k: v for k, v in sd.unet.state_dict().items()}
-    state["input_blocks.0.0.weight"] = torch.cat(  # the depth channel, zero-filled
-        [state["input_blocks.0.0.weight"], torch.zeros_like(state["input_blocks.0.0.weight"][:, :1])],
-        dim=1,
-    )
+    state = dict(sd.unet.state_dict())
+    conv_in = state["input_blocks.0.0.weight"]  # + the depth channel, zero-filled
+    state["input_blocks.0.0.weight"] = torch.cat([conv_in, torch.zeros_like(conv_in[:, :1])], 1)
     video.load_state_dict(state, strict=False)
     temporal = {k: v.clone() for k, v in video.state_dict().items() if "temporal" in k}
     with merge_loras([(lora, 0.8)], video, None, skip_text=True) as merged:
@@ -141,7 +139,8 @@ def test_sd15_lora_applies_to_the_gen1_unet(tmp_path):
             image = sd.unet(x, t, ctx)
             gen1 = video(torch.cat([x, torch.zeros_like(x[:, :1])], 1), t, ctx)
         torch.testing.assert_close(gen1, image, atol=1e-5, rtol=1e-5)
-        assert all(torch.equal(v, temporal[k]) for k, v in video.state_dict().items() if k in temporal)
+        after = video.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in temporal.items())
     with pytest.raises(CheckpointError, match="text encoder, which this model does not have"):
         merge_loras([(lora, 0.8)], video, None)
 
