@@ -240,3 +240,56 @@ def test_gen1_sd15_composes_with_shards(tmp_path, shards):
     missing = config(tmp_path, "experiment=gen1_sd15", "data=shards", "trainer.accelerator=cpu")
     with pytest.raises(ValueError, match="needs data.videos="):
         check_config(missing)
+
+
+def test_training_on_encoded_shards_without_frames(tmp_path, video_folder):
+    """Shards of encoder outputs alone (no frames kept): a step runs the UNet only."""
+    images = image_folder(tmp_path / "images")
+    out = tmp_path / "encoded"
+    shard(tmp_path, f"videos.root={video_folder}", f"images.root={images}", f"output={out}",
+          "encode=true", "model=tiny_world", "num_frames=4", "size=32", "stride=2")  # fmt: skip
+    trainer = train(
+        config(
+            tmp_path / "run",
+            "experiment=tiny",
+            "model=tiny_world",
+            "data=shards_encoded",
+            f"data.videos={out}/videos.json",
+            f"data.images={out}/images.json",
+            "data.datamodule.image_ratio=0.5",
+            "data.num_frames=4",
+            "data.datamodule.num_workers=0",
+            "data.datamodule.pin_memory=false",
+            "trainer.max_steps=3",
+            "trainer.limit_val_batches=0",
+            "trainer.enable_progress_bar=false",
+            "~callbacks.progress",
+        )
+    )
+    assert trainer.global_step == 3
+
+
+@pytest.mark.slow
+def test_precompute_runs_as_a_predict_job_on_two_processes(tmp_path, video_folder):
+    """shard.py trainer=ddp on 2 CPU processes: each rank writes its share, rank 0 the index."""
+    import os
+    import subprocess
+    import sys
+
+    images = image_folder(tmp_path / "images")
+    out = tmp_path / "encoded"
+    overrides = [f"videos.root={video_folder}", f"images.root={images}", f"output={out}",
+                 "encode=true", "model=tiny_world", "num_frames=4", "size=32", "stride=2",
+                 "num_workers=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                 "trainer.precision=32-true", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "shard.py", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    videos, images_index = (
+        read_index(str(out / "videos.json")),
+        read_index(str(out / "images.json")),
+    )
+    assert videos.total == 2 and images_index.total == 4
+    assert {Path(u).name.split("-")[1] for u in images_index.urls} == {"000", "001"}
+    assert json.loads((out / "videos.json").read_text())["info"]["skipped"] == 2
