@@ -16,13 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from model.diffusion.schedule import check_parameterization
 from model.encoders.depth import SD_DEPTH_PREFIX
 from model.sd.components import TEXT_PREFIXES, load_depth, load_text, load_unet, load_vae
 from model.sd.config import SDConfig, config_from_yaml, read_sd_yaml
-from model.sd.families import recognise
-from model.sd.files import yaml_beside
+from model.sd.families import V_STATISTIC_KEY, recognise
+from model.sd.files import peek, yaml_beside
 from model.sd.model import StableDiffusion
 from model.weights.checkpoint import (
     UNET_PREFIX,
@@ -116,3 +117,19 @@ def load_sd(
     log.info("%s: %s (%s)", path, sd_config.source, sd_config.parameterization)
     model = StableDiffusion(sd_config, unet, vae, text, depth, path=path)
     return model.float().eval().requires_grad_(False)
+
+
+def peek_config(
+    path: str | Path, config: SDConfig | Mapping | str | Path | None = None
+) -> SDConfig:
+    """The architecture of an SD file without reading its weights: ``resolve_config`` over its
+    keys and shapes, plus, for a ``.safetensors``, the one tensor SD 2.x's eps/v rule reads.
+    (For ``editing`` to choose a working size before the weights load.)"""
+    path = Path(path)
+    shapes = peek(path).shapes
+    state: dict[str, torch.Tensor] = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    rule_key = UNET_PREFIX + V_STATISTIC_KEY
+    if rule_key in state and path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            state[rule_key] = f.get_tensor(rule_key)
+    return resolve_config(path, state, config)
