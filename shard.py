@@ -23,6 +23,7 @@ from jobs.training import config_error_line
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="shard")
 def main(cfg: DictConfig) -> None:
+    """Write the shards ``cfg`` describes; a config error is one line and exit status 1."""
     try:
         run(cfg)
     except Exception as err:

@@ -45,6 +45,7 @@ PEAK_BF16 = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("GH200", 9
 
 
 def peak_tflops(device: str, given: float | None) -> float | None:
+    """The device's peak dense bf16 TFLOP/s: ``given``, else looked up by the CUDA name."""
     if given or device == "cpu":
         return given
     name = torch.cuda.get_device_name()
@@ -68,6 +69,7 @@ def unet_config(tiny: bool, checkpointing: bool, channels: int | None = None) ->
 
 
 def sync(device: str) -> None:
+    """Wait for queued CUDA work (before reading a clock)."""
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -239,6 +241,7 @@ def ddp_worker(rank: int, world: int, args, port: int, queue) -> None:
 
 
 def ddp(args, world: int) -> dict:
+    """Median seconds per step ("tie/image", "gate/video", ...) on ``world`` processes."""
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
@@ -291,6 +294,7 @@ def attempt(row, check: str, what: str, fn, *args):
 
 
 def rate_text(flops: float | None, seconds: float) -> str:
+    """Achieved FLOP/s of ``flops`` per step in ``seconds``, as text ("n/a" unknown)."""
     if not flops:
         return "n/a"
     rate = flops / seconds
@@ -300,6 +304,7 @@ def rate_text(flops: float | None, seconds: float) -> str:
 
 
 def main() -> None:
+    """Parse the arguments, run the checks, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 rate")

@@ -29,8 +29,11 @@ from data.video import MediaReadError
 
 
 def _built(source: ShardClips | Any | None) -> ShardClips | None:
-    """A shard source, instantiated from its config when it is one."""
-    return source if source is None or isinstance(source, ShardClips) else instantiate(source)
+    """A shard source, instantiated from its config when it is one; None for a config whose
+    ``index`` is unset (``data.val`` left null: no validation)."""
+    if source is None or isinstance(source, ShardClips):
+        return source
+    return None if source.get("index", "") is None else instantiate(source)
 
 
 STATE = ("step", "video_epoch", "video_emitted", "image_epoch", "image_emitted")

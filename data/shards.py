@@ -56,6 +56,7 @@ class ShardIndex:
 
     @property
     def total(self) -> int:
+        """Samples in all shards of the index."""
         return int(sum(self.counts))
 
     @property
@@ -166,6 +167,7 @@ class LaneReader:
 
     @property
     def position(self) -> tuple[int, int]:
+        """(epoch, samples emitted in it): where a resumed reader starts."""
         return self.epoch, self.emitted
 
     def _start_epoch(self, epoch: int, emitted: int) -> None:
@@ -248,12 +250,15 @@ class ShardSkipLog:
         return True
 
     def is_skipped(self, sample_id: int) -> bool:
+        """Whether sample ``sample_id`` (a global index into the shard set) was skipped."""
         return bool(self.codes[sample_id])
 
     def all_skipped(self) -> bool:
+        """Whether every sample was skipped (nothing left to train on)."""
         return bool(self.codes.all())
 
     def as_dict(self) -> dict[str, str]:
+        """Skipped samples as {"SHARD_URL#KEY": reason}."""
         found = torch.nonzero(self.codes).flatten().tolist()
         return {self.index.name(i): REASONS[int(self.codes[i]) - 1] for i in found}
 
@@ -300,6 +305,7 @@ class ShardClips:
 
     @property
     def skipped(self) -> dict[str, str]:
+        """Samples skipped so far (in this process), as {"SHARD_URL#KEY": reason}."""
         return self.skips.as_dict()
 
     def decode(self, sample: dict, rng: np.random.Generator | None) -> dict:
@@ -345,6 +351,9 @@ class EncodedShardClips(ShardClips):
     encoded = True
 
     def decode(self, sample: dict, rng: np.random.Generator | None) -> dict:
+        """A training sample: the arrays of a window of ``num_frames`` frames (float32),
+        ``caption``, ``is_video``, ``key``; :class:`MediaReadError` for missing or broken
+        arrays, or a clip shorter than the window."""
         meta = json.loads(sample.get("json", b"{}") or b"{}")
         name = f"{sample.get('__url__', '?')}#{sample['__key__']}"
         try:

@@ -125,7 +125,9 @@ def test_fsdp_trainer_config_builds_the_policy(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "ckpt"]
+    "checkpointing",
+    [pytest.param(False, marks=pytest.mark.slow), pytest.param(True, marks=pytest.mark.slow)],
+    ids=["plain", "ckpt"],
 )
 def test_fsdp_on_two_cpu_processes_trains_like_one(tmp_path, checkpointing):
     port = 29600 + os.getpid() % 300 + int(checkpointing)

@@ -195,6 +195,23 @@ def test_encoded_shards_hold_the_encoders_outputs(tmp_path, video_folder):
         ShardClips(str(out / "videos.json"))
 
 
+def test_validation_shards_come_from_data_val(tmp_path, shards):
+    """data.val names validation shards: every readable sample once, in order; unset, none."""
+    from hydra.utils import instantiate
+
+    common = ["data=shards", f"data.videos={shards}/videos.json", "data.size=32",
+              "data.num_frames=4", "data.datamodule.num_workers=0"]  # fmt: skip
+    cfg = config(tmp_path, *common, f"data.val={shards}/videos.json")
+    datamodule = instantiate(cfg.data.datamodule)
+    with pytest.warns(UserWarning, match="skipping"):
+        batches = list(datamodule.val_dataloader())
+    keys = [Path(k.split("#")[0].split("@")[0]).name for b in batches for k in b["key"]]
+    assert sorted(keys) == ["good0.mp4", "good1.mp4"]  # the corrupt and empty one skipped
+    assert batches[0]["frames"].shape[1:] == (4, 3, 32, 32)
+    assert instantiate(config(tmp_path, *common).data.datamodule).val_dataloader() == []
+
+
+@pytest.mark.slow
 def test_training_on_shards_resumes_exactly(tmp_path, shards):
     """3 + 3 steps equal 6 straight, with joint image batches and two workers per rank."""
     common = [
@@ -242,6 +259,7 @@ def test_gen1_sd15_composes_with_shards(tmp_path, shards):
         check_config(missing)
 
 
+@pytest.mark.slow
 def test_training_on_encoded_shards_without_frames(tmp_path, video_folder):
     """Shards of encoder outputs alone (no frames kept): a step runs the UNet only."""
     images = image_folder(tmp_path / "images")
