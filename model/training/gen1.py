@@ -30,7 +30,7 @@ from model.encoders.structure import clip_structure
 from model.nets.autoencoder import AutoencoderKL
 from model.nets.unet import UNet
 from model.training.ema import EMA
-from model.training.parallel import drop_tied_gradients, fsdp_root, tie
+from model.training.parallel import clip_fsdp, drop_tied_gradients, skipped_loss, tie
 from model.weights.checkpoint import (
     NEW_UNET_KEYS,
     LoadReport,
@@ -47,6 +47,8 @@ from model.weights.release import (
 )
 
 log = logging.getLogger(__name__)
+SKIPPED_IMAGES = ("model.trainable=%s: image batches train nothing and are skipped "
+                  "(data.datamodule.image_ratio=0 does not load them)")  # fmt: skip
 
 TRAINABLE = ("all", "temporal", "temporal_and_input")
 
@@ -338,17 +340,11 @@ class Gen1(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         size = batch_size(batch)
         video = bool(torch.as_tensor(batch.get("is_video", True)).all())
-        if not video and not self._trains_images:
+        if not video and not self._trains_images:  # skipped without running the UNet
             if not self._warned_skip:
-                log.warning(
-                    "model.trainable=%s: image batches train nothing and are skipped "
-                    "(data.datamodule.image_ratio=0 does not load them)",
-                    self.hparams.trainable,
-                )
                 self._warned_skip = True
-            # Skipped without running the UNet. Lightning refuses None under DDP / FSDP; a
-            # loss that reaches no parameter gives no gradient, no all-reduce, no step.
-            return torch.zeros((), device=self.device, requires_grad=True)
+                log.warning(SKIPPED_IMAGES, self.hparams.trainable)
+            return skipped_loss(self.device)
         loss, video = self.loss(batch, self.unet, self.step_draws(size, batch_idx))
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log(f"train/loss_{'video' if video else 'image'}", loss, batch_size=size)
@@ -380,11 +376,9 @@ class Gen1(pl.LightningModule):
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
         """Clipping by norm over every shard under FSDP (Lightning's own refuses it)."""
-        root = fsdp_root(self.trainer.strategy.model)
-        if root is not None and gradient_clip_val:
-            root.clip_grad_norm_(gradient_clip_val)
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not clip_fsdp(self.trainer.strategy.model, gradient_clip_val):
+            clip = super().configure_gradient_clipping
+            clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         gen = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)

@@ -65,11 +65,23 @@ class Gen1FSDPStrategy(FSDPStrategy):
         return super()._setup_model(model)
 
 
-def fsdp_root(module: nn.Module | None):
-    """``module`` if it is an FSDP root (what Lightning's FSDPStrategy trains), else None."""
+def clip_fsdp(module: nn.Module | None, max_norm: float | None) -> bool:
+    """Clip the gradients' norm over every shard to ``max_norm`` if ``module`` is an FSDP
+    root (what Lightning's FSDPStrategy trains; its own clipping refuses FSDP) and a norm is
+    set; whether it did (if not, clip as usual)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return module if isinstance(module, FullyShardedDataParallel) else None
+    if not isinstance(module, FullyShardedDataParallel) or not max_norm:
+        return False
+    module.clip_grad_norm_(max_norm)
+    return True
+
+
+def skipped_loss(device: torch.device | str) -> torch.Tensor:
+    """The loss of a batch skipped without running the model (0, on ``device``): Lightning
+    refuses None under DDP / FSDP, and a loss that reaches no parameter gives no gradient,
+    no all-reduce and no optimiser step."""
+    return torch.zeros((), device=device, requires_grad=True)
 
 
 def tie(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
