@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from data.media import (
     SourceVideo,
 )
+from model.editing.precision import native_bf16
 from model.editing.settings import (
     EditSettings,
     settings_from_config,
@@ -157,4 +158,10 @@ def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]
     precision = cfg.precision
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not native_bf16():
+        raise InferError(
+            f"precision=bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
+            "native bf16 (AVX512-BF16 or AMX) and emulates it, many times slower than fp32: "
+            "use precision=fp32"
+        )
     return device, DTYPES[precision]

@@ -34,7 +34,9 @@ class EditSettings:
     window_overlap: int = 2
     chunk_size: int = 8  # frames per VAE / depth call
     keep_unmasked_pixels: bool = True  # paste source pixels outside the mask after decoding
-    prepack: bool = True  # fp32 on the CPU: weights prepacked for oneDNN (model.weights.prepack)
+    # fp32 on the CPU, weights prepacked for oneDNN (model.weights.prepack): "auto" where each
+    # layer is measured faster so (model.weights.calibration), True every layer, False none
+    prepack: bool | str = "auto"
 
 
 def settings_from_config(config: Mapping, **overrides) -> EditSettings:
@@ -84,6 +86,8 @@ def check_settings(settings: EditSettings, max_frames: int | None = None) -> Non
         raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
     if not 0.0 <= settings.noise_correlation <= 1.0:
         raise ValueError(f"noise_correlation must be in [0, 1], got {settings.noise_correlation}")
+    if settings.prepack not in ("auto", True, False):
+        raise ValueError(f"prepack must be auto, true or false, got {settings.prepack!r}")
     if settings.chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {settings.chunk_size}")
     window_slices(1, settings.window_length, settings.window_overlap)
