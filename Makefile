@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench tiny-world
+.PHONY: setup demo test lint bench tiny-world tiny-sd
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	python3 -m venv $(VENV)
@@ -45,3 +45,11 @@ tiny-world: setup
 		--sampling noise_correlation=1.0
 	$(PY) train.py experiment=tiny_prior hydra.run.dir=$(R)/prior
 	$(PY) release.py $(R)/prior/checkpoints/last.ckpt $(W)/prior_tiny.safetensors --component prior
+
+# Retrain the bundled tiny SD (text-to-image, SD's single-file layout) with train.py (about
+# 40 min on 2 CPU cores; see bundle/tiny_sd/CARD.md) and measure it.
+tiny-sd: setup
+	$(PY) train.py experiment=tiny_sd
+	$(PY) release.py outputs/tiny_sd/checkpoints/last.ckpt bundle/tiny_sd/tiny_sd.safetensors \
+		--format sd
+	$(PY) bench/tiny_sd.py

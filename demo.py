@@ -1,11 +1,12 @@
-"""The main job: edit held-out clips of the procedural world with the bundled tiny Gen-1.
+"""The main job: edit held-out clips of the procedural world with the bundled tiny models.
 
 Runs ``infer.py`` on each bundled sample clip (``bundle/tiny_world/samples/``, rendered from
-the world's test split, which training never saw): two edits take their content from a
-reference image (a frame of another held-out clip), one from a text prompt through the
-bundled prior. Writes the edited mp4s, side-by-side previews (input | depth | output), JSON
-sidecars and ``overview.png`` (inputs left, edits right, frames 0, 5, 10, 15) under
-``outputs/demo/``.
+the world's test split, which training never saw): with the tiny Gen-1, two edits take their
+content from a reference image (a frame of another held-out clip) and one from a text prompt
+through the bundled prior; with the tiny SD single file (``bundle/tiny_sd/``), one mov2mov
+edit from a prompt, through exactly the path a real SD 1.5 file takes. Writes the edited
+mp4s, side-by-side previews (input | depth | output), JSON sidecars and ``overview.png``
+(inputs left, edits right, frames 0, 5, 10, 15) under ``outputs/demo/``.
 
 ``python demo.py --write-samples`` re-renders the sample clips and reference images.
 """
@@ -38,6 +39,16 @@ EDITS = [
         ("prompt", "a yellow dotted sphere and a blue sphere on a green checkered floor"),
     ),
 ]
+# Edits with the tiny SD (mov2mov): (output name, sample clip, prompt, extra overrides).
+SD_EDITS = [
+    (
+        "clip_a_sd",
+        "clip_a",
+        "a red striped sphere on a purple checkered floor",
+        ["strength=0.75"],
+    ),
+]
+TINY_SD = Path("bundle/tiny_sd/tiny_sd.safetensors")
 
 
 def write_samples() -> None:
@@ -70,10 +81,12 @@ def write_overview(path: Path, scale: int = 2, gap: int = 8) -> None:
     """One row per edit: the input's frames ``OVERVIEW_FRAMES`` left, the edit's right."""
     from data.media import read_frames
 
+    pairs = [(name, name) for name, _, _ in EDITS]
+    pairs += [(clip, name) for name, clip, _, _ in SD_EDITS]
     rows = []
-    for name, _, _ in EDITS:
+    for clip, name in pairs:
         halves = []
-        for video in (SAMPLES / f"{name}.mp4", OUT / f"{name}.mp4"):
+        for video in (SAMPLES / f"{clip}.mp4", OUT / f"{name}.mp4"):
             frames = read_frames(video, OVERVIEW_FRAMES, (64, 64))[0]  # (F, 3, H, W) in [-1, 1]
             strip = ((frames.permute(2, 0, 3, 1) + 1) * 127.5).round().clamp(0, 255)
             halves.append(strip.reshape(64, -1, 3).numpy().astype(np.uint8))
@@ -81,6 +94,15 @@ def write_overview(path: Path, scale: int = 2, gap: int = 8) -> None:
         rows.append(np.concatenate([halves[0], space, halves[1]], axis=1))
     grid = np.concatenate(rows, axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
     Image.fromarray(grid).save(path)
+
+
+def report(name: str) -> None:
+    """One line per edit: its frames, method, time and files."""
+    sidecar = json.loads((OUT / f"{name}.json").read_text())
+    print(
+        f"demo: {name}: {sidecar['frames']['count']} frames edited ({sidecar['method']}) in "
+        f"{sidecar['timing']['edit_s']:.1f} s -> {OUT / name}.mp4, {OUT / name}.preview.mp4"
+    )
 
 
 def main() -> None:
@@ -98,11 +120,19 @@ def main() -> None:
             "progress=false",
             "seed=0",
         )
-        sidecar = json.loads((OUT / f"{name}.json").read_text())
-        print(
-            f"demo: {name}: {sidecar['frames']['count']} frames edited in "
-            f"{sidecar['timing']['edit_s']:.1f} s -> {OUT / name}.mp4, {OUT / name}.preview.mp4"
+        report(name)
+    for name, clip, prompt, extra in SD_EDITS:
+        run_infer(
+            f"input={SAMPLES / clip}.mp4",
+            f"output={OUT / name}.mp4",
+            f"checkpoint={TINY_SD}",
+            f"prompt='{prompt}'",
+            "preview=true",
+            "progress=false",
+            "seed=0",
+            *extra,
         )
+        report(name)
     write_overview(OUT / "overview.png")
     print(f"demo: done in {time.perf_counter() - started:.0f} s; outputs in {OUT}/")
 

@@ -1,14 +1,17 @@
 """Make a release file from a training checkpoint:
-``python release.py CHECKPOINT.ckpt OUT.safetensors [--no-ema] [--sampling KEY=VALUE ...]``
-or ``... --component NAME``.
+``python release.py CHECKPOINT.ckpt OUT.safetensors [--no-ema] [--sampling KEY=VALUE ...]``,
+``... --component NAME`` or ``... --format sd``.
 
 The release holds the EMA UNet (the trained weights with ``--no-ema``) and the frozen parts,
 in fp16, with the model's config as JSON metadata; ``infer.py checkpoint=OUT.safetensors``
 loads it. ``--sampling`` sets the editing defaults it carries (``resolution``,
 ``noise_correlation``: what ``infer.py`` uses when they are left native or null).
 ``--component vae|depth|clip|prior`` instead exports the network a component trainer
-(``experiment=tiny_vae`` ...) trained, in the file format its loader reads. Prints the
-file's sha256. Exit status 1 with one line on stderr on failure.
+(``experiment=tiny_vae`` ...) trained, in the file format its loader reads. ``--format sd``
+writes the checkpoint of a text-to-image SD trainer (``experiment=tiny_sd``) as a single-file
+SD checkpoint in the original key layout (fp16; the EMA UNet unless ``--no-ema``) with its
+inference ``OUT.yaml`` beside it, as SD checkpoints ship. Prints the file's sha256. Exit
+status 1 with one line on stderr on failure.
 """
 
 from __future__ import annotations
@@ -74,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         help="editing defaults the release carries, e.g. noise_correlation=1.0",
     )
     parser.add_argument(
+        "--format",
+        choices=("gen1", "sd"),
+        default="gen1",
+        help="gen1: a Gen-1 release (default); sd: an SD single file + .yaml (SDTrainer)",
+    )
+    parser.add_argument(
         "--component",
         choices=sorted(COMPONENTS),
         help="export the network of a component trainer's checkpoint instead",
@@ -87,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         sampling = parse_sampling(args.sampling)
         if args.component:
             digest = export_component(args.checkpoint, args.output, args.component)
+        elif args.format == "sd":
+            from model.training.sd_training import release_sd
+
+            digest = release_sd(args.checkpoint, args.output, use_ema=not args.no_ema)
         else:
             digest = release_from_checkpoint(
                 args.checkpoint, args.output, use_ema=not args.no_ema, sampling=sampling

@@ -2,9 +2,10 @@
 
 Runs infer.py's steps (``jobs.editing``: read and decode the media, CLIP content, the edit,
 H.264 encode and mux) on the bundled clip with the bundled tiny world model, and on the same
-clip at 512x512 x 8 frames with an SD 1.5-sized Gen-1 of random weights (SD 1.5 UNet and VAE,
-MiDaS DPT-Hybrid, CLIP ViT-L/14), each in a fresh process at the machine's default thread
-count (wall time, what a user waits). Network time is taken by forward hooks on MiDaS, CLIP's
+clip at 512x512 x ``--frames`` (8) frames with an SD 1.5-sized Gen-1 of random weights
+(SD 1.5 UNet and VAE, MiDaS DPT-Hybrid, CLIP ViT-L/14), each in a fresh process at the
+machine's default thread count (wall time, what a user waits). Network time is taken by
+forward hooks on MiDaS, CLIP's
 image tower, the VAE's encoder and decoder and the UNet; the edit runs with an all-ones mask,
 so the VAE encoder (used by SDEdit and masked edits) is timed too. The UNet's first call holds
 ``prepack=auto``'s calibration when the cache is cold (``--cold``: a fresh one): a step is
@@ -13,6 +14,7 @@ timed on the later calls, the first call's extra shown apart.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import statistics
@@ -28,7 +30,7 @@ from bench.common import machine_line, print_table, run_worker
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "bundled": "bundled clip, tiny world model",
-    "sd15": "SD 1.5-sized, random weights, 512x512 x 8",
+    "sd15": "SD 1.5-sized, random weights, 512x512",
 }
 STAGES = ["media decode", "CLIP", "MiDaS", "VAE encode", "UNet per step", "VAE decode"]
 STAGES += ["encode/mux", "other (structure, sampler, windows)"]
@@ -60,12 +62,13 @@ def now() -> float:
     return time.perf_counter()
 
 
-def config(case: str, output: Path):
+def config(case: str, output: Path, frames: int = 8):
     from hydra import compose, initialize_config_dir
 
     overrides = [f"output={output}", "progress=false", "seed=0"]
     if case == "sd15":
-        overrides += ["resolution=512", "max_frames=8", "steps=2", "window.length=8"]
+        overrides += ["resolution=512", f"max_frames={frames}", "steps=2"]
+        overrides += [f"window.length={frames}"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose("infer", overrides=overrides)
 
@@ -83,12 +86,17 @@ def sd15_gen1():
     return build_model(cfg.model).eval()
 
 
-def worker(case: str, cold: bool) -> dict:
+def worker(case: str, cold: bool, frames: int = 8) -> dict:
     """One edit of ``case``, its stages timed; seconds per frame, and the calibration lines."""
     from jobs.editing.inputs import read_inputs
     from jobs.editing.models import content_embedding, load_model
     from jobs.editing.outputs import describe, write_outputs
-    from jobs.editing.request import device_and_dtype, edit_settings, resolve_checkpoint_defaults
+    from jobs.editing.request import (
+        checkpoint_kind_of,
+        device_and_dtype,
+        edit_settings,
+        resolve_checkpoint_defaults,
+    )
     from model.editing.pipeline import edit_video
 
     scratch = Path(tempfile.mkdtemp())
@@ -100,23 +108,24 @@ def worker(case: str, cold: bool) -> dict:
     logging.getLogger("model.weights.calibration").addHandler(handler)
     logging.getLogger("model.weights.calibration").setLevel(logging.INFO)
 
-    cfg = config(case, scratch / "edited.mp4")
-    resolve_checkpoint_defaults(cfg)
+    cfg = config(case, scratch / "edited.mp4", frames)
+    kind = checkpoint_kind_of(cfg)
+    resolve_checkpoint_defaults(cfg, kind)
     start = now()
-    inputs = read_inputs(cfg)
+    inputs = read_inputs(cfg, kind)
     decode_s = now() - start
     device, dtype = device_and_dtype(cfg)
     if case == "sd15":
         gen1, estimator = sd15_gen1(), None
     else:
-        gen1, estimator = load_model(cfg, inputs, device, dtype)
+        gen1, estimator = load_model(cfg, inputs, device, dtype, kind)
     watch = Stopwatch()
     watch.watch("MiDaS", estimator if estimator is not None else gen1.depth)
     watch.watch("CLIP", gen1.clip.model.visual)
     watch.watch("VAE encode", gen1.vae.encoder)
     watch.watch("VAE decode", gen1.vae.decoder)
-    watch.watch("UNet", gen1.denoiser_model(use_ema=True))
-    content = content_embedding(cfg, gen1, inputs, device, dtype)
+    watch.watch("UNet", gen1.sampling_unet())
+    content = content_embedding(cfg, gen1, inputs, device, dtype, kind)
     frames = inputs.frames
     mask = torch.ones(1, 1, 1, *frames.shape[-2:])  # the edit everywhere, the encoder run
     start = now()
@@ -125,7 +134,7 @@ def worker(case: str, cold: bool) -> dict:
         mask=mask, generator=torch.Generator().manual_seed(0), autocast_dtype=dtype,
     )  # fmt: skip
     edit_s = now() - start
-    sidecar = describe(cfg, inputs, result, 0, gen1, device, dtype)
+    sidecar = describe(cfg, inputs, result, 0, gen1, device, dtype, kind)
     sidecar["timing"] = {}
     start = now()
     write_outputs(cfg, inputs, result, sidecar, start)
@@ -160,11 +169,14 @@ def worker(case: str, cold: bool) -> dict:
     }
 
 
-def profile(cold: bool, cases: list[str]) -> None:
+def profile(cold: bool, cases: list[str], frames: int = 8) -> None:
     """Print the table of seconds per frame of each stage, for each case."""
     print(machine_line())
     script = str(ROOT / "bench" / "infer.py")
-    results = {case: run_worker(script, ["profile", case, str(int(cold))]) for case in cases}
+    results = {}
+    for case in cases:
+        results[case] = run_worker(script, ["profile", case, str(int(cold)), str(frames)])
+        print(json.dumps({"case": case, **results[case]}), flush=True)  # as it comes
     rows = []
     for stage in STAGES:
         row = {"stage (s per frame)": stage}

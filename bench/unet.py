@@ -170,6 +170,7 @@ def measure(args, variants) -> dict:
                             continue
                         worker_args = [impl, size, device, variant, args.iters, threads]
                         r = run_worker(__file__, [str(a) for a in worker_args])
+                        print(json.dumps({"key": key, **r}), flush=True)  # as it comes
                         seen = results.setdefault(key, r)
                         for k in ("time_s", "first_s", "peak_mib"):
                             if k in r:

@@ -1,13 +1,13 @@
-"""File paths on the command line, as a user types them in a shell, made into overrides Hydra
-can parse.
+"""File paths and prompts on the command line, as a user types them in a shell, made into
+overrides Hydra can parse.
 
 Hydra's override grammar reserves characters that real file names hold: ``=`` (Lightning's
 ``epoch=3-step=400.ckpt``), ``,``, ``(`` ``)``, ``[`` ``]``, ``'``, ``#``, spaces and non-ASCII
 letters (``vidéo_日本.mp4``); an unquoted value with one of them ends in a lexer traceback. The
 entry points pass ``sys.argv`` through :func:`quote_path_overrides` before Hydra reads it, so
 ``input=clip (1).mp4`` (one shell word) reaches Hydra as ``input='clip (1).mp4'``. Only the
-keys an entry point names as paths are touched; values already quoted, or written as a Hydra
-list or dict, are left as they are.
+keys an entry point names as paths or free text (prompts) are touched; values already
+quoted, or written as a Hydra list or dict, are left as they are.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from collections.abc import Iterable, Sequence
 UNQUOTED = re.compile(r"[A-Za-z0-9_/\-+.%*@?|~]*")
 
 INFER_PATHS = ("input", "output", "checkpoint", "reference", "default_reference", "mask")
-INFER_PATHS += ("depth", "prior", "midas.weights", "hydra.run.dir")
+INFER_PATHS += ("depth", "prior", "midas.weights", "sd.config", "hydra.run.dir")
+INFER_PATHS += ("prompt", "negative_prompt")  # free text, as any file name
 TRAIN_PATHS = ("data.root", "data.manifest", "data.image_root", "data.image_manifest")
 TRAIN_PATHS += ("data.cache_dir", "ckpt_path", "run_dir", "hydra.run.dir", "model.weights.vae")
 TRAIN_PATHS += ("model.weights.unet", "model.weights.sd_checkpoint", "model.clip.weights")
 TRAIN_PATHS += ("model.depth.weights",)
-EVAL_PATHS = ("checkpoint", "prior", "output_dir", "midas.weights", "hydra.run.dir")
+EVAL_PATHS = ("checkpoint", "prior", "output_dir", "midas.weights", "hydra.run.dir", "prompt")
 
 
 def hydra_quoted(value: str) -> str:

@@ -9,8 +9,10 @@ Packages, bottom to top (a package imports only those listed before it):
 - ``encoders``: what conditions the denoiser: MiDaS depth and the structure made from it,
   CLIP image/text embeddings, the text-to-image-embedding prior.
 - ``metrics``: scores of edited videos (Gen-1's CLIP metrics, structure fidelity, warp error).
-- ``editing`` and ``training``: the editing pipeline; the Lightning modules. Neither imports
-  the other.
+- ``sd``: Stable Diffusion checkpoints as users have them (single files, their yaml or their
+  keys) as one image model the editing pipeline runs.
+- ``editing`` and ``training``: the editing pipeline and its methods; the Lightning modules.
+  Neither imports the other.
 
 Nothing here imports ``data/`` or the entry points, and nothing reads Hydra configs.
 """

@@ -24,7 +24,9 @@ def tiny_gen1(temporal: bool = False):
     so that its predictions depend on their inputs; with ``temporal``, its temporal layers too
     (else they stay zero and the video UNet works frame by frame)."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["run_dir=unused", "model.ema_decay=null"])
+        cfg = compose(
+            "train", overrides=["run_dir=unused", "model.ema_decay=null", "model.depth=null"]
+        )
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     gen = torch.Generator().manual_seed(1)
@@ -177,6 +179,21 @@ def test_seed_reproduces_an_edit_and_another_seed_changes_it(gen1):
     assert torch.equal(a, b)
     assert not torch.allclose(a, c, atol=1e-3)
     assert a.min() >= -1 and a.max() <= 1
+
+
+def test_method_mov2mov_runs_the_video_model_frame_by_frame(temporal_gen1):
+    """The Gen-1 UNet with its temporal layers off is an image model too: under mov2mov a
+    frame's output ignores its neighbours, under the default video method it does not."""
+    frames, depth = video(3)
+    changed, changed_depth = frames.clone(), depth.clone()
+    other_frames, other_depth = video(1, seed=9)
+    changed[:, 1], changed_depth[:, 1] = other_frames[:, 0], 5 * other_depth[:, 0]
+    for method, coupled in (("mov2mov", False), (None, True)):
+        first = run(temporal_gen1, frames, depth, method=method, strength=0.6)
+        second = run(temporal_gen1, changed, changed_depth, method=method, strength=0.6)
+        assert first.method == (method or "gen1")
+        moved = (first.frames[:, [0, 2]] - second.frames[:, [0, 2]]).abs().max()
+        assert (moved > 1e-3) if coupled else (moved < 1e-5), (method, moved)
 
 
 def test_frame_noise_correlates_frames_by_the_share_asked_for():

@@ -15,6 +15,7 @@ from PIL import Image
 
 import infer
 from data import media
+from jobs.editing.request import InferError
 from model.training.loading import release_from_checkpoint
 from model.weights.atomic import file_sha256
 from model.weights.release import read_release, write_release
@@ -185,7 +186,8 @@ def test_a_release_gives_the_frames_of_its_checkpoint_ema(files, tmp_path):
     b = infer.run(
         config(*common, f"output={tmp_path / 'b.mp4'}", f"checkpoint={files / 'tiny.ckpt'}")
     )
-    assert a["checkpoint"]["format"] == "release" and b["checkpoint"]["format"] == "lightning"
+    assert a["checkpoint"]["format"] == "gen1-release"
+    assert b["checkpoint"]["format"] == "gen1-lightning"
     error = (a["result"].frames - b["result"].frames).abs()
     assert error.max() < 0.01 and error.mean() < 1e-3  # fp16 weights
     frames_a, _ = read(tmp_path / "a.mp4")
@@ -436,3 +438,31 @@ def test_cpu_fast_path_settings_are_refused_in_one_line(
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("infer.py: error:") and message in lines[0]
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+TINY_SD = ROOT / "bundle" / "tiny_sd" / "tiny_sd.safetensors"
+
+
+def test_infer_edits_with_an_sd_file_and_a_prompt(files, tmp_path):
+    """The bundled tiny SD single file through infer.py, exactly as a real SD 1.5 file goes:
+    mov2mov by default, its yaml beside it, the prompt and negative prompt through its own
+    text encoder; image content is refused for it, and so is the Gen-1 method."""
+    out = tmp_path / "sd.mp4"
+    common = [f"input={files / 'clip.mp4'}", f"checkpoint={TINY_SD}", "end=3", "steps=3"]
+    common += ["progress=false", "seed=1"]
+    outcome = infer.run(
+        config(*common, f"output={out}", "prompt='a red striped sphere'", "negative_prompt=blue")
+    )
+    assert outcome["method"] == "mov2mov" and outcome["checkpoint"]["format"] == "sd"
+    assert outcome["checkpoint"]["model"]["config_source"].endswith("tiny_sd.yaml")
+    assert outcome["size"]["output"] == [48, 64]  # native 64 px, the input's 4:3 kept
+    assert read(out)[0].shape == (3, 48, 64, 3)
+    for bad, message in [
+        ([f"reference={files / 'red.png'}"], "conditioned on text"),
+        ([], "give prompt=TEXT"),
+        (["prompt=x", "method=gen1"], "does not run on this StableDiffusion"),
+        (["prompt=x", "method=warp"], "unknown method 'warp'"),
+    ]:
+        with pytest.raises(InferError, match=message):
+            infer.run(config(*common, f"output={tmp_path / 'bad.mp4'}", *bad))
+    assert not (tmp_path / "bad.mp4").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.sd_layout import ROOT
 
 # model/'s packages, bottom to top: each may import only those before it (and itself).
-MODEL_LAYERS = ["weights", "diffusion", "nets", "encoders", "metrics", "editing", "training"]
+MODEL_LAYERS = ["weights", "diffusion", "nets", "encoders", "metrics", "sd", "editing", "training"]
 SIBLINGS = {("editing", "training"), ("training", "editing")}  # neither imports the other
 SOURCE_DIRS = ("model", "data", "jobs")
 ENTRY_POINTS = ("train.py", "infer.py", "eval.py", "release.py", "demo.py")

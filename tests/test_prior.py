@@ -213,7 +213,12 @@ def infer_config(*overrides):
     ("prior", "message"), [(None, "none is configured"), ("missing.safetensors", "no such prior")]
 )
 def test_infer_prompt_without_a_prior_file_is_one_clear_line(prior, message, tmp_path, capfd):
-    args = [f"input={tmp_path}/in.mp4", f"output={tmp_path}/out.mp4", "checkpoint=none.ckpt"]
+    from tests.test_release import write_training_checkpoint
+
+    # A real Gen-1 checkpoint: its kind decides that a prompt goes through the prior.
+    write_training_checkpoint(tmp_path / "tiny.ckpt")
+    args = [f"input={tmp_path}/in.mp4", f"output={tmp_path}/out.mp4"]
+    args += [f"checkpoint={tmp_path}/tiny.ckpt"]
     args += ["prompt=a red box", f"prior={tmp_path}/{prior}" if prior else "prior=null"]
     assert infer.cli(infer_config(*args)) == 1
     err = capfd.readouterr().err.strip()

@@ -138,3 +138,40 @@ def test_video_encode_decode_equals_per_frame_in_chunks(sd_file):
     frames = vae.decode(latents)
     assert frames.shape == video.shape
     assert torch.allclose(frames[0, 4], vae.decode(latents[0, 4:5])[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_cross_frame_attention_matches_text2video_zero(sd_file):
+    """First-frame anchors equal diffusers' Text2Video-Zero ``CrossFrameAttnProcessor2_0`` on
+    the same random weights: every frame's self-attention takes the first frame's keys and
+    values; frame 0 is unchanged, the others depend on frame 0's input."""
+    from diffusers.pipelines.deprecated.text_to_video_synthesis.pipeline_text_to_video_zero import (
+        CrossFrameAttnProcessor2_0,
+    )
+
+    path, state, unet_params, vae_params = sd_file
+    ours = UNet(**unet_params).eval()
+    load_sd_unet(ours, path)
+    cfg = original_config(unet_params, vae_params)
+    diff_config = single_file.create_unet_diffusers_config_from_ldm(cfg, state)
+    diff_unet = diffusers.UNet2DConditionModel(**diff_config).eval()
+    diff_unet.load_state_dict(single_file.convert_ldm_unet_checkpoint(state, diff_config))
+    diff_unet.set_attn_processor(CrossFrameAttnProcessor2_0(batch_size=2))
+
+    x, _, context = unet_inputs(unet_params)  # 2 clips
+    frames = torch.stack([x, x.roll(3, -1), x.flip(-2)], dim=1)  # (2 clips, 3 frames, ...)
+    t = torch.tensor([10, 900])
+    first = torch.zeros(3, 1, dtype=torch.long)
+    out = ours(frames, t, context, temporal=False, anchors=first)
+    reference = diff_unet(
+        frames.flatten(0, 1),
+        t.repeat_interleave(3),
+        encoder_hidden_states=context.repeat_interleave(3, 0),
+    ).sample.unflatten(0, (2, 3))
+    assert (out - reference).abs().max() < TOL
+    plain = ours(frames, t, context, temporal=False)
+    assert (out[:, 0] - plain[:, 0]).abs().max() < TOL  # the anchor frame attends to itself
+    assert (out[:, 1:] - plain[:, 1:]).abs().max() > 1e-3  # the others attend to frame 0
+    assert (
+        ours(frames, t, context, temporal=False, anchors=torch.arange(3)[:, None]) - plain
+    ).abs().max() < TOL

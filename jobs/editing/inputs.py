@@ -57,15 +57,15 @@ def pad(geometry: Geometry, video: torch.Tensor | None) -> torch.Tensor | None:
     return None if video is None else geometry.pad(video)
 
 
-def read_inputs(cfg: DictConfig) -> Inputs:
+def read_inputs(cfg: DictConfig, kind: str) -> Inputs:
     """Check the request and read every input file; any problem is an InferError."""
-    check_request(cfg)
+    check_request(cfg, kind)
     try:
         check_settings(edit_settings(cfg))
     except ValueError as err:
         raise InferError(str(err)) from err
     source = probe_video(cfg.input)
-    geometry = plan_geometry(source.height, source.width, resolution(cfg), cfg.size_multiple)
+    geometry = plan_geometry(source.height, source.width, resolution(cfg, kind), cfg.size_multiple)
     size = geometry.output
     indices = frame_indices(source, cfg.start, cfg.end, cfg.stride, cfg.max_frames)
     times, span_s, timing = output_timing(source, indices, cfg.stride)

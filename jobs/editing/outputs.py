@@ -20,7 +20,6 @@ from data.io import write_video
 from jobs.editing.inputs import Inputs
 from jobs.editing.request import edit_settings
 from model.weights.atomic import atomic_output, file_sha256
-from model.weights.release import is_release
 
 
 @contextmanager
@@ -53,17 +52,24 @@ def write_outputs(cfg: DictConfig, inputs: Inputs, result, sidecar: dict, starte
         temps[0].write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
-def describe(cfg: DictConfig, inputs: Inputs, result, seed: int, gen1, device, dtype) -> dict:
-    """The sidecar: every resolved setting, the seed, the checkpoint's sha256, frames, sizes."""
+def describe(
+    cfg: DictConfig, inputs: Inputs, result, seed: int, model, device, dtype, kind: str
+) -> dict:
+    """The sidecar: every resolved setting, the seed, the checkpoint's sha256 and what it is,
+    the method that ran, frames, sizes, media."""
     source, times = inputs.source, inputs.times
+    checkpoint = {
+        "path": str(Path(cfg.checkpoint).resolve()),
+        "sha256": file_sha256(cfg.checkpoint),
+        "format": kind,
+    }
+    if kind == "sd":
+        checkpoint["model"] = model.describe()
     return {
         "input": str(Path(cfg.input).resolve()),
         "output": str(Path(cfg.output).resolve()),
-        "checkpoint": {
-            "path": str(Path(cfg.checkpoint).resolve()),
-            "sha256": file_sha256(cfg.checkpoint),
-            "format": "release" if is_release(cfg.checkpoint) else "lightning",
-        },
+        "checkpoint": checkpoint,
+        "method": result.method,
         "seed": seed,
         "settings": OmegaConf.to_container(cfg, resolve=True),
         "edit": asdict(edit_settings(cfg)),
@@ -80,7 +86,7 @@ def describe(cfg: DictConfig, inputs: Inputs, result, seed: int, gen1, device, d
         "size": {
             "output": list(inputs.geometry.output),
             "working": list(inputs.geometry.working),  # padded for the model, cropped back
-            "latent": [s // gen1.vae.downsample_factor for s in inputs.geometry.working],
+            "latent": [s // model.vae.downsample_factor for s in inputs.geometry.working],
         },
         "windows": result.windows,
         "steps_run": result.steps_run,  # of edit.steps: strength x steps, at least one

@@ -14,11 +14,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from data.media import (
     SourceVideo,
 )
+from model.editing.methods import method_names
 from model.editing.precision import native_bf16
 from model.editing.settings import (
     EditSettings,
     settings_from_config,
 )
+from model.sd.files import checkpoint_kind
+from model.sd.loading import peek_config
 from model.weights.release import default_noise_correlation, native_resolution
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
@@ -64,11 +67,21 @@ def plan_geometry(height: int, width: int, resolution: int | None, multiple: int
     return Geometry(output, working)
 
 
-def resolution(cfg: DictConfig) -> int | None:
+def checkpoint_kind_of(cfg: DictConfig) -> str:
+    """What ``cfg.checkpoint`` is, from its header: ``gen1-release``, ``gen1-lightning`` or
+    ``sd`` (``model.sd.files.checkpoint_kind``); a missing or foreign file is one line."""
+    if OmegaConf.is_missing(cfg, "checkpoint") or cfg.checkpoint in (None, ""):
+        raise InferError("checkpoint=FILE is required (a Gen-1 release or .ckpt, or an SD file)")
+    if not Path(cfg.checkpoint).is_file():
+        raise InferError(f"checkpoint not found: {cfg.checkpoint}")
+    return checkpoint_kind(cfg.checkpoint)
+
+
+def resolution(cfg: DictConfig, kind: str) -> int | None:
     """The longest working side: a number, the checkpoint's native one, or None (the source's)."""
     if cfg.resolution == "native":
-        if not Path(cfg.checkpoint).is_file():
-            raise InferError(f"checkpoint not found: {cfg.checkpoint}")
+        if kind == "sd":
+            return peek_config(cfg.checkpoint, cfg.sd.config).native_resolution or 512
         return native_resolution(cfg.checkpoint)
     if cfg.resolution == "source":
         return None
@@ -98,14 +111,38 @@ def frame_indices(source: SourceVideo, start: int, end, stride: int, max_frames)
     return list(range(start, end, stride))[:max_frames]
 
 
-def check_request(cfg: DictConfig) -> None:
-    """Required keys, one content source, the prompt's prior, the output path."""
+def check_request(cfg: DictConfig, kind: str) -> None:
+    """Required keys, one content source (Gen-1: an image, a frame or a prompt; SD: a prompt),
+    the prompt's prior, the method's name, the output path."""
     for key in ("input", "output", "checkpoint"):
         if OmegaConf.is_missing(cfg, key) or cfg[key] in (None, ""):
             raise InferError(
                 f"{key}=... is required (python infer.py input=IN.mp4 output=OUT.mp4 "
                 "checkpoint=FILE reference=IMAGE)"
             )
+    if cfg.method is not None and cfg.method not in method_names():
+        raise InferError(f"unknown method {cfg.method!r}; known: {', '.join(method_names())}")
+    if kind == "sd":
+        check_text_request(cfg)
+    else:
+        check_gen1_content(cfg)
+    check_paths_and_precision(cfg)
+
+
+def check_paths_and_precision(cfg: DictConfig) -> None:
+    """The output is an .mp4 that is not the input; the precision is one we know."""
+    inp, out = Path(cfg.input), Path(cfg.output)
+    if out.suffix.lower() != ".mp4":
+        raise InferError(f"output must be an .mp4 file, got {out}")
+    if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and out.samefile(inp)):
+        raise InferError(f"output {out} is the input: the input is never overwritten")
+    if cfg.precision not in ("auto", *DTYPES):
+        raise InferError(f"precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}")
+
+
+def check_gen1_content(cfg: DictConfig) -> None:
+    """A Gen-1 checkpoint's content: exactly one of a reference image, a frame of the input or a
+    prompt (none: ``default_reference``); a prompt through the prior needs the prior."""
     given = [k for k in ("reference", "prompt", "reference_frame") if cfg[k] is not None]
     if not given and cfg.get("default_reference") is not None:
         with open_dict(cfg):  # recorded in the sidecar as the reference it was
@@ -127,13 +164,21 @@ def check_request(cfg: DictConfig) -> None:
             )
         if cfg.prompt_mode == "prior" and not Path(cfg.prior).is_file():
             raise InferError(f"prior={cfg.prior}: no such prior file")
-    inp, out = Path(cfg.input), Path(cfg.output)
-    if out.suffix.lower() != ".mp4":
-        raise InferError(f"output must be an .mp4 file, got {out}")
-    if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and out.samefile(inp)):
-        raise InferError(f"output {out} is the input: the input is never overwritten")
-    if cfg.precision not in ("auto", *DTYPES):
-        raise InferError(f"precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}")
+
+
+def check_text_request(cfg: DictConfig) -> None:
+    """An SD checkpoint is conditioned on text: a prompt, no image content."""
+    images = [k for k in ("reference", "reference_frame") if cfg[k] is not None]
+    if images:
+        raise InferError(
+            f"{cfg.checkpoint} is a Stable Diffusion checkpoint, conditioned on text: give "
+            f"prompt=TEXT (and negative_prompt=TEXT), not {' / '.join(images)}"
+        )
+    if cfg.prompt is None:
+        raise InferError(
+            f"{cfg.checkpoint} is a Stable Diffusion checkpoint: give prompt=TEXT "
+            "(and negative_prompt=TEXT)"
+        )
 
 
 def edit_settings(cfg: DictConfig) -> EditSettings:
@@ -141,9 +186,10 @@ def edit_settings(cfg: DictConfig) -> EditSettings:
     return settings_from_config(cfg, noise_correlation=cfg.noise_correlation or 0.0)
 
 
-def resolve_checkpoint_defaults(cfg: DictConfig) -> None:
-    """Settings left null take the checkpoint's own ``sampling`` defaults (else the stock)."""
-    if cfg.noise_correlation is None and Path(cfg.checkpoint).is_file():
+def resolve_checkpoint_defaults(cfg: DictConfig, kind: str) -> None:
+    """Settings left null take a Gen-1 checkpoint's own ``sampling`` defaults (else the
+    stock; an SD file carries none)."""
+    if cfg.noise_correlation is None and kind != "sd":
         cfg.noise_correlation = default_noise_correlation(cfg.checkpoint)
 
 

@@ -14,7 +14,12 @@ from omegaconf import DictConfig
 from jobs.editing.inputs import read_inputs
 from jobs.editing.models import content_embedding, load_model
 from jobs.editing.outputs import describe, write_outputs
-from jobs.editing.request import device_and_dtype, edit_settings, resolve_checkpoint_defaults
+from jobs.editing.request import (
+    checkpoint_kind_of,
+    device_and_dtype,
+    edit_settings,
+    resolve_checkpoint_defaults,
+)
 from model.diffusion.guidance import sdedit_steps
 from model.diffusion.windows import window_slices
 from model.editing.pipeline import edit_video
@@ -50,18 +55,19 @@ def announce(cfg: DictConfig, inputs, device, dtype, factor: int) -> None:
 def run(cfg: DictConfig) -> dict:
     """Edit ``cfg.input`` into ``cfg.output``; returns the sidecar dict plus ``result``."""
     clock = [time.perf_counter()]
-    resolve_checkpoint_defaults(cfg)
-    inputs = read_inputs(cfg)
+    kind = checkpoint_kind_of(cfg)
+    resolve_checkpoint_defaults(cfg, kind)
+    inputs = read_inputs(cfg, kind)
     clock.append(time.perf_counter())
     device, dtype = device_and_dtype(cfg)
-    gen1, estimator = load_model(cfg, inputs, device, dtype)
+    model, estimator = load_model(cfg, inputs, device, dtype, kind)
     clock.append(time.perf_counter())
     seed = int(cfg.seed) if cfg.seed is not None else secrets.randbelow(2**31)
-    announce(cfg, inputs, device, dtype, gen1.vae.downsample_factor)
+    announce(cfg, inputs, device, dtype, model.vae.downsample_factor)
     result = edit_video(
-        gen1,
+        model,
         inputs.frames,
-        content_embedding(cfg, gen1, inputs, device, dtype, seed),
+        content_embedding(cfg, model, inputs, device, dtype, kind, seed),
         edit_settings(cfg),
         depth=inputs.depth,
         depth_estimator=estimator,
@@ -75,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
     depth = geometry.crop(result.depth) if result.depth is not None else None
     result = dataclasses.replace(result, frames=geometry.crop(result.frames), depth=depth)
     clock.append(time.perf_counter())
-    sidecar = describe(cfg, inputs, result, seed, gen1, device, dtype)
+    sidecar = describe(cfg, inputs, result, seed, model, device, dtype, kind)
     phases = ("read_s", "load_s", "edit_s")
     sidecar["timing"] = {k: b - a for k, a, b in zip(phases, clock[:-1], clock[1:], strict=True)}
     write_outputs(cfg, inputs, result, sidecar, clock[0])

@@ -57,22 +57,63 @@ class Gen1Guidance:
         branches = self.branches()  # never empty: the coefficients sum to 1
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device).expand(batch)
-        merged = {}
-        for key in kwargs_of["uncond"]:  # a superset of cond's keys
-            values = [kwargs_of[content].get(key) for content, _, _ in branches]
-            if all(isinstance(v, torch.Tensor) for v in values):
-                if any(v.shape[0] != batch for v in values):
-                    raise ValueError(f"cond/uncond {key!r} must have batch size {batch} in dim 0")
-                merged[key] = torch.cat(values)
-            elif all(v is values[0] for v in values):
-                merged[key] = values[0]
-            else:
-                raise ValueError(f"cond/uncond entry {key!r} is not a tensor in every branch")
+        merged = batch_branches([kwargs_of[content] for content, _, _ in branches], batch)
         temporal = torch.tensor([t for _, t, _ in branches for _ in range(batch)], device=x.device)
         n = len(branches)
         out = self.denoiser(torch.cat([x] * n), torch.cat([sigma] * n), temporal=temporal, **merged)
         preds = out.chunk(n)
         return sum(coef * pred for (_, _, coef), pred in zip(branches, preds, strict=True))
+
+
+def batch_branches(branches: list[dict], batch: int) -> dict:
+    """One keyword dict for a batched call over guidance branches: tensors concatenated along
+    dim 0 (each must have ``batch`` rows), other values passed when every branch holds the
+    very same object (a key missing from a branch is an error for tensors).
+    """
+    merged = {}
+    for key in dict.fromkeys(k for b in branches for k in b):
+        values = [b.get(key) for b in branches]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            if any(v.shape[0] != batch for v in values):
+                raise ValueError(f"cond/uncond {key!r} must have batch size {batch} in dim 0")
+            merged[key] = torch.cat(values)
+        elif all(v is values[0] for v in values):
+            merged[key] = values[0]
+        else:
+            raise ValueError(f"cond/uncond entry {key!r} is not a tensor in every branch")
+    return merged
+
+
+class ClassifierFreeGuidance:
+    """Classifier-free guidance (Ho & Salimans 2022) of an image model, as SD samples it:
+    ``uncond + w (cond - uncond)``, both branches in one batched call ordered [uncond, cond] as
+    diffusers' ``StableDiffusionPipeline`` batches them. Combined on x0, which is affine in the
+    model output with the same coefficients for both branches, so it equals guiding eps or v.
+    ``w == 1`` runs the conditional branch alone.
+    """
+
+    def __init__(self, denoiser: Denoiser, w: float = 7.5) -> None:
+        self.denoiser = denoiser
+        self.w = float(w)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: dict | None = None,
+        uncond: dict | None = None,
+    ) -> torch.Tensor:
+        """Guided x0 at ``(x, sigma)``; ``uncond`` overrides keys of ``cond`` (e.g. ``context``)."""
+        cond = dict(cond or {})
+        if self.w == 1.0:
+            return self.denoiser(x, sigma, **cond)
+        batch = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device).expand(batch)
+        merged = batch_branches([{**cond, **(uncond or {})}, cond], batch)
+        out_uncond, out_cond = self.denoiser(
+            torch.cat([x, x]), torch.cat([sigma, sigma]), **merged
+        ).chunk(2)
+        return out_uncond + self.w * (out_cond - out_uncond)
 
 
 class MaskedDenoiser:

@@ -12,6 +12,7 @@ else from ``generator``, so a seed reproduces a result.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -381,3 +382,15 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[Callable, s
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown sigma schedule {schedule!r}; expected one of {SCHEDULES}")
     return sampler, schedule
+
+
+def sampler_kwargs(sampler: Callable, eta: float | None, generator) -> dict:
+    """The keyword arguments ``sampler`` takes for ``generator`` and ``eta``; ValueError when an
+    ``eta`` is given to a deterministic sampler."""
+    params = inspect.signature(sampler).parameters
+    kwargs = {"generator": generator} if "generator" in params else {}
+    if eta is not None:
+        if "eta" not in params:
+            raise ValueError(f"sampler {sampler.__name__} is deterministic: it takes no eta")
+        kwargs["eta"] = eta
+    return kwargs

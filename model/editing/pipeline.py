@@ -1,9 +1,12 @@
-"""Gen-1 video editing as a pure library: frames, content and settings in, edited frames out.
+"""Video editing as a pure library: frames, content and settings in, edited frames out.
 
-The pipeline: depth of the frames (MiDaS, or a given depth) -> structure at latent size,
-blurred ``t_s`` times; a content embedding (reference image, text, or a frame); noise (or the
-source latents noised, for SDEdit ``strength`` and masked editing); any sampler over Gen-1's
-guided denoiser, run in overlapping temporal windows (``model.diffusion.windows``); the VAE
+One pipeline for every model (a Gen-1 video model, an SD checkpoint: the interface of
+``model.editing.interface``) and every method (``model.editing.methods``): the frames' depth
+when the model uses it (MiDaS, or a given depth); the model's conditioning of the content
+(Gen-1: depth structure blurred ``t_s`` times and a CLIP embedding; SD: the prompt's hidden
+states, SD 2-depth's depth, inpainting's mask channels); the method's starting noise (or the
+source latents noised, for SDEdit ``strength`` and masked editing); any sampler over the
+method's guided denoiser (``model.diffusion.windows`` bounds its frames per call); the VAE
 decoding the latents a chunk of frames at a time. No files are read or written here.
 """
 
@@ -15,17 +18,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.diffusion.guidance import Gen1Guidance, sample, sdedit_steps
-from model.diffusion.noise import frame_noise
-from model.diffusion.samplers import DiscreteDenoiser, get_sigmas, resolve_sampler
-from model.diffusion.windows import WindowedDenoiser, window_slices
+from model.diffusion.guidance import sample, sdedit_steps
+from model.diffusion.samplers import get_sigmas, resolve_sampler, sampler_kwargs
+from model.diffusion.windows import window_slices
+from model.editing.methods import resolve_method
 from model.editing.precision import autocast, inference_weights
-from model.editing.settings import (
-    EditSettings,
-    check_settings,
-    sampler_kwargs,
-    temporal_frame_limit,
-)
+from model.editing.settings import EditSettings, check_settings, temporal_frame_limit
 from model.encoders.structure import normalize_clip
 
 
@@ -38,6 +36,7 @@ class EditResult:
     windows: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) of each
     window_calls: int = 0  # denoiser calls on windows, over all steps
     steps_run: int = 0  # sampler steps actually run (fewer than ``steps`` when strength < 1)
+    method: str = ""  # the editing method that ran (``model.editing.methods``)
 
 
 def _chunks(num_frames: int, size: int) -> list[slice]:
@@ -45,10 +44,10 @@ def _chunks(num_frames: int, size: int) -> list[slice]:
 
 
 def video_depth(
-    gen1, frames: torch.Tensor, estimator: torch.nn.Module | None = None, chunk_size: int = 8
+    model, frames: torch.Tensor, estimator: torch.nn.Module | None = None, chunk_size: int = 8
 ) -> torch.Tensor:
     """Depth ``(B, F, 1, H, W)`` on the CPU, from ``estimator`` or the model's MiDaS, by chunks."""
-    estimator = estimator if estimator is not None else gen1.depth
+    estimator = estimator if estimator is not None else model.depth
     if estimator is None:
         raise ValueError(
             "the model has no depth estimator: give the depth of the video, or a MiDaS model"
@@ -86,9 +85,9 @@ def decode_latents(vae, latents: torch.Tensor, chunk_size: int, progress: bool =
 
 @torch.no_grad()
 def edit_video(
-    gen1,
+    model,
     frames: torch.Tensor,
-    content: torch.Tensor,
+    content,
     settings: EditSettings,
     *,
     depth: torch.Tensor | None = None,
@@ -99,73 +98,88 @@ def edit_video(
     progress: bool = False,
 ) -> EditResult:
     """Edit ``frames`` ``(B, F, 3, H, W)`` in [-1, 1] (any device; moved a chunk at a time)
-    toward ``content`` ``(B or 1, 1, D)``, keeping the structure of their depth.
+    with ``model`` (a Gen-1 model or an SD checkpoint: ``model.editing.interface``) toward
+    ``content``, by ``settings.method`` (None: the model's default; ``model.editing.methods``).
 
-    ``depth`` ``(B, F, 1, H, W)`` replaces MiDaS (any monotone inverse-depth scale; it is
-    normalised per clip); ``mask`` ``(B, F or 1, 1, H, W)`` in [0, 1] limits the edit to where it
-    is 1; ``generator`` (a CPU generator) draws all noise, so a seed reproduces an edit on any
-    device; ``autocast_dtype`` (float16 / bfloat16) runs the networks in half precision.
+    ``content``: what the model is conditioned on (Gen-1: a CLIP embedding ``(B or 1, 1, D)``;
+    SD: ``model.encode_prompt(prompt, negative_prompt)``). ``depth`` ``(B, F, 1, H, W)``
+    replaces MiDaS for models that use depth (any monotone inverse-depth scale); ``mask``
+    ``(B, F or 1, 1, H, W)`` in [0, 1] limits the edit to where it is 1; ``generator`` (a CPU
+    generator) draws all noise, so a seed reproduces an edit on any device;
+    ``autocast_dtype`` (float16 / bfloat16) runs the networks in half precision.
+    Raises ``ValueError`` for settings out of range, a method the model does not run, or a
+    frame size that is not a multiple of the VAE's factor.
     """
-    check_settings(settings, temporal_frame_limit(gen1.unet))
-    device = next(gen1.unet.parameters()).device
+    method = resolve_method(model, settings.method)
+    unet = model.sampling_unet()
+    check_settings(settings, temporal_frame_limit(unet))
+    device = next(unet.parameters()).device
     batch, num_frames, _, height, width = frames.shape
-    factor = gen1.vae.downsample_factor
+    factor = model.vae.downsample_factor
     if height % factor or width % factor:
         raise ValueError(f"frame size {height}x{width} is not a multiple of the VAE's {factor}")
     size = (height // factor, width // factor)
-    networks = [gen1.denoiser_model(use_ema=True), gen1.vae]
-    if gen1.structure_channels and depth is None:
-        networks.append(depth_estimator if depth_estimator is not None else gen1.depth)
+    needs_depth = model.uses_depth and depth is None
+    networks = [unet, model.vae]
+    if needs_depth:
+        networks.append(depth_estimator if depth_estimator is not None else model.depth)
     prepacked = inference_weights(settings, autocast_dtype, *networks)
     with autocast(device, autocast_dtype), prepacked:
-        if gen1.structure_channels and depth is None:
-            depth = video_depth(gen1, frames, depth_estimator, settings.chunk_size)
-        structure = None
-        if gen1.structure_channels:
-            structure = gen1.structure(None, size, settings.t_s, depth=depth.float()).to(device)
+        if needs_depth:
+            depth = video_depth(model, frames, depth_estimator, settings.chunk_size)
+        cond, uncond = model.edit_conditioning(
+            content,
+            batch=batch,
+            latent_size=size,
+            device=device,
+            depth=None if depth is None else depth.float(),
+            frames=frames,
+            mask=mask,
+            t_s=settings.t_s,
+            chunk_size=settings.chunk_size,
+            frames_independent=method.frames_independent,
+        )
+        cond = {**cond, **method.cond_extra()}
         sampler, schedule_name = resolve_sampler(settings.sampler, settings.schedule)
-        sigmas = get_sigmas(schedule_name, settings.steps, gen1.schedule, device=device)
-        shape = (batch, num_frames, gen1.unet.out_channels, *size)
-        noise = frame_noise(shape, settings.noise_correlation, generator).to(device)
+        sigmas = get_sigmas(schedule_name, settings.steps, model.schedule, device=device)
+        if not settings.set_alpha_to_one:  # end on t = 0's noise level, as SD's DDIM configs
+            sigmas[-1] = model.schedule.sigmas[0]
+        shape = (batch, num_frames, unet.out_channels, *size)
+        noise = method.noise(shape, settings, generator).to(device)
         source, small_mask = None, None
         if settings.strength < 1.0 or mask is not None:
-            source = encode_frames(gen1.vae, frames, settings.chunk_size, device)
+            source = encode_frames(model.vae, frames, settings.chunk_size, device)
         if mask is not None:
             small_mask = latent_mask(mask, size).to(device)
-        inner = DiscreteDenoiser(
-            gen1.model_fn(gen1.denoiser_model(use_ema=True)),
-            gen1.schedule,
-            gen1.hparams.parameterization,
-        )
-        windowed = WindowedDenoiser(
-            Gen1Guidance(inner, settings.w, settings.w_t),
-            settings.window_length,
-            settings.window_overlap,
-            progress=progress,
-        )
-        content = content.to(device).float().expand(batch, -1, -1)
-        cond = {"context": content, "structure": structure}
+        denoiser = method.denoiser(model, settings, progress)
+        step_kwargs = sampler_kwargs(sampler, settings.eta, generator)
+        step_noise = method.step_noise(shape, generator, device)
+        if step_noise is not None and "generator" in step_kwargs:  # a stochastic sampler
+            step_kwargs["noise_sampler"] = step_noise
         latents = sample(
             sampler,
-            windowed,
+            denoiser,
             noise,
             sigmas,
             source=source,
             strength=settings.strength,
             mask=small_mask,
-            extra_args={"cond": cond, "uncond": {"context": torch.zeros_like(content)}},
+            extra_args={"cond": cond, "uncond": uncond},
             disable=not progress,
-            **sampler_kwargs(sampler, settings.eta, generator),
+            **step_kwargs,
         )
-        out = decode_latents(gen1.vae, latents, settings.chunk_size, progress)
+        if sigmas[-1] > 0:  # latents at the last sigma, back to the model's DDPM space
+            latents = latents / (1 + sigmas[-1] ** 2).sqrt()
+        out = decode_latents(model.vae, latents, settings.chunk_size, progress)
     if mask is not None and settings.keep_unmasked_pixels:
         keep = mask.float().cpu()
         out = keep * out + (1 - keep) * frames.float().cpu()
-    windows = window_slices(num_frames, settings.window_length, settings.window_overlap)
+    windows = window_slices(num_frames, settings.window_length, denoiser.overlap)
     return EditResult(
         frames=out,
         depth=normalize_clip(depth.float()) if depth is not None else None,
         windows=[(w.start, w.stop) for w in windows],
-        window_calls=windowed.windows_seen,
+        window_calls=denoiser.windows_seen,
         steps_run=sdedit_steps(settings.steps, settings.strength),
+        method=method.name,
     )

@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
 
-from model.diffusion.samplers import resolve_sampler
+from model.diffusion.samplers import resolve_sampler, sampler_kwargs
 from model.diffusion.windows import window_slices
+from model.editing.methods import get_method
 from model.nets.temporal import TemporalAttention
 
 
@@ -37,6 +37,11 @@ class EditSettings:
     # fp32 on the CPU, weights prepacked for oneDNN (model.weights.prepack): "auto" where each
     # layer is measured faster so (model.weights.calibration), True every layer, False none
     prepack: bool | str = "auto"
+    # False: the last step lands on timestep 0's noise level (alphas_cumprod[0]) instead of
+    # on clean latents, as SD's own DDIM configs do (diffusers' set_alpha_to_one=False, ldm's
+    # DDIMSampler); only to reproduce those exactly.
+    set_alpha_to_one: bool = True
+    method: str | None = None  # how frames are made consistent (None: the model's default)
 
 
 def settings_from_config(config: Mapping, **overrides) -> EditSettings:
@@ -57,18 +62,10 @@ def temporal_frame_limit(unet: torch.nn.Module) -> int | None:
     return min(limits) if limits else None
 
 
-def sampler_kwargs(sampler: Callable, eta: float | None, generator) -> dict:
-    params = inspect.signature(sampler).parameters
-    kwargs = {"generator": generator} if "generator" in params else {}
-    if eta is not None:
-        if "eta" not in params:
-            raise ValueError(f"sampler {sampler.__name__} is deterministic: it takes no eta")
-        kwargs["eta"] = eta
-    return kwargs
-
-
 def check_settings(settings: EditSettings, max_frames: int | None = None) -> None:
     """Raise ValueError naming the first setting that is out of range."""
+    if settings.method is not None:
+        get_method(settings.method)
     if settings.steps < 1:
         raise ValueError(f"steps must be >= 1, got {settings.steps}")
     if settings.t_s < 0:

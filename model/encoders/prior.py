@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from model.diffusion.samplers import get_sigmas, resolve_sampler
+from model.diffusion.samplers import get_sigmas, resolve_sampler, sampler_kwargs
 from model.diffusion.schedule import DiscreteSchedule
 from model.nets.unet import timestep_embedding
 from model.weights.atomic import save_safetensors
@@ -246,12 +246,7 @@ class Prior(nn.Module):
             noise_device = generator.device if generator is not None else device
             noise = torch.randn(cond.shape, generator=generator, device=noise_device)
             x = noise.to(device) * (1 + sigmas[0] ** 2).sqrt()
-            params = inspect.signature(fn).parameters
-            kwargs = {"generator": generator} if "generator" in params else {}
-            if eta is not None:
-                if "eta" not in params:
-                    raise ValueError(f"sampler {sampler!r} is deterministic: it takes no eta")
-                kwargs["eta"] = eta
+            kwargs = sampler_kwargs(fn, eta, generator)
             denoiser = PriorDenoiser(self, cond, guidance_scale)
             images = self.image_from_space(fn(denoiser, x, sigmas, disable=not progress, **kwargs))
             if num_candidates == 1:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.nets.frames import Frames
+
 
 class Attention(nn.Module):
     """Multi-head attention of ``x`` over ``context`` (itself when ``context`` is None)."""
@@ -36,15 +38,41 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        anchors: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` ``(batch, tokens, query_dim)``. ``anchors`` (self-attention only): a long
+        tensor ``(F, A)``; the batch is then clips of F frames, ``(b f)``, and frame k attends
+        to the tokens of frames ``anchors[k]`` of its clip (cross-frame attention)."""
         if context is None and self.fuse_qkv:
             weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
             q, k, v = F.linear(x, weight).chunk(3, dim=-1)
         else:
-            context = x if context is None else context
-            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+            source = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
+        if anchors is not None:
+            if context is not None:
+                raise ValueError("cross-frame anchors apply to self-attention only")
+            k, v = anchor_tokens(k, anchors), anchor_tokens(v, anchors)
         out = multi_head_attention(q, k, v, self.heads)
         return self.to_out(out)
+
+
+def anchor_tokens(tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Per frame, the tokens of its anchor frames: ``(b f, n, d)`` -> ``(b f, A n, d)`` with
+    ``anchors`` ``(f, A)`` indexing frames of the same clip."""
+    count, width = anchors.shape
+    if tokens.shape[0] % count or anchors.min() < 0 or anchors.max() >= count:
+        raise ValueError(
+            f"anchors {tuple(anchors.shape)} do not index clips of {count} frames in a batch "
+            f"of {tokens.shape[0]}"
+        )
+    clips = tokens.unflatten(0, (-1, count))  # (b, f, n, d)
+    gathered = clips[:, anchors.to(tokens.device)]  # (b, f, A, n, d)
+    return gathered.flatten(2, 3).flatten(0, 1)
 
 
 def multi_head_attention(
@@ -101,7 +129,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None, frames: Frames | None = None
+    ) -> torch.Tensor:
+        anchors = frames.anchors if frames is not None else None
+        x = x + self.attn1(self.norm1(x), anchors=anchors)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))

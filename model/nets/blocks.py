@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.nets.attention import BasicTransformerBlock
-from model.nets.temporal import Frames, TemporalAttention, TemporalConv, zero_
+from model.nets.frames import Frames
+from model.nets.temporal import TemporalAttention, TemporalConv, zero_
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -87,7 +88,7 @@ class ResBlock(nn.Module):
         else:
             h = self.out_layers(h.add_(emb_out) if not torch.is_grad_enabled() else h + emb_out)
         h = self.skip_connection(x) + h
-        if frames is not None and hasattr(self, "temporal"):
+        if frames is not None and frames.temporal and hasattr(self, "temporal"):
             h = self.temporal(h, frames)
         return h
 
@@ -141,14 +142,14 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, frames)
         if self.use_linear:
             h = self.proj_out(h)
         h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
         if not self.use_linear:
             h = self.proj_out(h)
         h = h + x
-        if frames is not None and hasattr(self, "temporal"):
+        if frames is not None and frames.temporal and hasattr(self, "temporal"):
             h = self.temporal(h, frames)
         return h
 

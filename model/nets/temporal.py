@@ -9,30 +9,13 @@ frame by frame, exactly what the image UNet computes (as AnimateDiff's motion mo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from model.nets.attention import Attention, FeedForward
-
-
-@dataclass(frozen=True)
-class Frames:
-    """How a spatial batch ``(b f)`` folds into clips, and which clips use temporal layers.
-
-    ``gate`` is None when every clip runs its temporal layers, else a float tensor of shape
-    ``(b f, 1, 1, 1)``: 1 for frames of clips that do, 0 for frames of clips that do not
-    (one batched call can then hold the image model's and the video model's branches).
-    """
-
-    count: int
-    gate: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``x + delta`` where the temporal layers are on, ``x`` where they are off."""
-        return x + delta if self.gate is None else x + delta * self.gate
+from model.nets.frames import Frames
 
 
 def zero_(module: nn.Module) -> nn.Module:

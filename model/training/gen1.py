@@ -92,8 +92,12 @@ class Gen1(pl.LightningModule):
     """Structure- and content-guided video diffusion (Esser et al. 2023) as one module.
 
     ``sampling`` holds editing defaults that travel with the checkpoint: ``resolution``,
-    the longest frame side the model was trained at (``infer.py``'s default).
+    the longest frame side the model was trained at (``infer.py``'s default). It implements
+    the editing pipeline's model interface (``model.editing.interface``) and runs the methods
+    in ``methods``: the video model (``gen1``, its default) and frame-by-frame ``mov2mov``.
     """
+
+    methods = ("gen1", "mov2mov")
 
     def __init__(
         self,
@@ -179,6 +183,47 @@ class Gen1(pl.LightningModule):
             yield self
         finally:
             self.ema.model, self.unet = self.unet, trained
+
+    @property
+    def parameterization(self) -> str:
+        """ "eps" or "v": what the UNet predicts."""
+        return self.hparams.parameterization
+
+    @property
+    def uses_depth(self) -> bool:
+        """Whether an edit needs the frames' depth (the UNet takes a structure channel)."""
+        return bool(self.structure_channels)
+
+    def sampling_unet(self) -> nn.Module:
+        """The UNet editing samples with: the EMA copy when there is one."""
+        return self.denoiser_model(use_ema=True)
+
+    def edit_conditioning(
+        self,
+        content: torch.Tensor,
+        *,
+        batch: int,
+        latent_size,
+        device: torch.device,
+        depth: torch.Tensor | None = None,
+        t_s: int = 0,
+        frames_independent: bool = False,
+        **_: Any,
+    ) -> tuple[dict, dict]:
+        """``(cond, uncond)`` of an edit: content ``(B or 1, 1, D)`` (null content: zeros) and
+        the structure of ``depth`` ``(B, F, 1, H, W)`` at ``latent_size``, blurred ``t_s`` times,
+        normalised over each clip, or over each frame alone when ``frames_independent`` (as
+        the image model saw single frames in training). Frames and masks are not used."""
+        structure = None
+        if self.structure_channels and frames_independent:
+            b, f = depth.shape[:2]
+            alone = depth.reshape(b * f, 1, *depth.shape[2:])  # every frame a one-frame clip
+            structure = self.structure(None, latent_size, t_s, depth=alone)
+            structure = structure.reshape(b, f, *structure.shape[2:]).to(device)
+        elif self.structure_channels:
+            structure = self.structure(None, latent_size, t_s, depth=depth).to(device)
+        content = content.to(device).float().expand(batch, -1, -1)
+        return {"context": content, "structure": structure}, {"context": torch.zeros_like(content)}
 
     def model_fn(self, unet: nn.Module | None = None):
         """``fn(x, t, context, structure, temporal)``: structure concatenated to the latents."""

@@ -110,18 +110,16 @@ def select(
     return out
 
 
-def load_strict(
+def check_strict(
     module: nn.Module,
     state: Mapping[str, torch.Tensor],
     path: str | Path,
     new_keys: re.Pattern | None = None,
     expandable: Iterable[str] = (),
-) -> LoadReport:
-    """Copy ``state`` into ``module``; any mismatch not explained below raises, naming ``path``.
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """``load_strict``'s checks without copying: ``(report, state to load)``, or the error.
 
-    Model keys matching ``new_keys`` may be absent from the file (they keep their init);
-    keys in ``expandable`` may have fewer input channels (dim 1) than the model: the
-    rest are zero-filled.
+    Works on a module built on the meta device (only its keys and shapes are read).
     """
     report = LoadReport(str(path))
     target = module.state_dict()
@@ -154,6 +152,23 @@ def load_strict(
         raise CheckpointError(
             f"{path} does not fit {type(module).__name__}: " + "; ".join(problems)
         )
+    return report, state
+
+
+def load_strict(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    path: str | Path,
+    new_keys: re.Pattern | None = None,
+    expandable: Iterable[str] = (),
+) -> LoadReport:
+    """Copy ``state`` into ``module``; any mismatch not explained below raises, naming ``path``.
+
+    Model keys matching ``new_keys`` may be absent from the file (they keep their init);
+    keys in ``expandable`` may have fewer input channels (dim 1) than the model: the
+    rest are zero-filled.
+    """
+    report, state = check_strict(module, state, path, new_keys, expandable)
     module.load_state_dict(state, strict=False)
     report.loaded = len(state)
     if report.zero_filled:
