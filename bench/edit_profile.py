@@ -4,12 +4,12 @@ Runs infer.py's steps (``jobs.editing``: read and decode the media, CLIP content
 H.264 encode and mux) on the bundled clip with the bundled tiny world model, and on the same
 clip at 512x512 x ``--frames`` (8) frames with an SD 1.5-sized Gen-1 of random weights
 (SD 1.5 UNet and VAE, MiDaS DPT-Hybrid, CLIP ViT-L/14), each in a fresh process at the
-machine's default thread count (wall time, what a user waits). Network time is taken by
-forward hooks on MiDaS, CLIP's
-image tower, the VAE's encoder and decoder and the UNet; the edit runs with an all-ones mask,
-so the VAE encoder (used by SDEdit and masked edits) is timed too. The UNet's first call holds
-``prepack=auto``'s calibration when the cache is cold (``--cold``: a fresh one): a step is
-timed on the later calls, the first call's extra shown apart.
+machine's default thread count (wall time, what a user waits) or at ``--threads`` (on one,
+process CPU time: steady on a shared machine). Network time is taken by forward hooks on
+MiDaS, CLIP's image tower, the VAE's encoder and decoder and the UNet; the edit runs with an
+all-ones mask, so the VAE encoder (used by SDEdit and masked edits) is timed too. The UNet's
+first call holds ``prepack=auto``'s calibration when the cache is cold (``--cold``: a fresh
+one): a step is timed on the later calls, the first call's extra shown apart.
 """
 
 from __future__ import annotations
@@ -58,8 +58,11 @@ class Stopwatch:
         return sum(self.calls.get(name, []))
 
 
+CLOCK = [time.perf_counter]  # process CPU time on one thread (steady on a shared machine)
+
+
 def now() -> float:
-    return time.perf_counter()
+    return CLOCK[0]()
 
 
 def config(case: str, output: Path, frames: int = 8):
@@ -67,8 +70,9 @@ def config(case: str, output: Path, frames: int = 8):
 
     overrides = [f"output={output}", "progress=false", "seed=0"]
     if case == "sd15":
-        overrides += ["resolution=512", f"max_frames={frames}", "steps=2"]
-        overrides += [f"window.length={frames}"]
+        # one step: the UNet's calls after its first (calibrating) one give a step's time
+        overrides += ["resolution=512", f"max_frames={frames}", "steps=1"]
+        overrides += [f"window.length={frames}", "window.overlap=0"]  # one window
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose("infer", overrides=overrides)
 
@@ -86,8 +90,13 @@ def sd15_gen1():
     return build_model(cfg.model).eval()
 
 
-def worker(case: str, cold: bool, frames: int = 8) -> dict:
-    """One edit of ``case``, its stages timed; seconds per frame, and the calibration lines."""
+def worker(case: str, cold: bool, frames: int = 8, threads: int = 0) -> dict:
+    """One edit of ``case`` on ``threads`` threads (0: the machine's default; 1: timed in
+    process CPU time), its stages timed; seconds per frame, and the calibration lines."""
+    if threads:
+        torch.set_num_threads(threads)
+    if threads == 1:
+        CLOCK[0] = time.process_time
     from jobs.editing.inputs import read_inputs
     from jobs.editing.models import content_embedding, load_model
     from jobs.editing.outputs import describe, write_outputs
@@ -169,13 +178,15 @@ def worker(case: str, cold: bool, frames: int = 8) -> dict:
     }
 
 
-def profile(cold: bool, cases: list[str], frames: int = 8) -> None:
+def profile(cold: bool, cases: list[str], frames: int = 8, threads: int = 0) -> None:
     """Print the table of seconds per frame of each stage, for each case."""
-    print(machine_line())
+    print(machine_line([threads] if threads else None))
     script = str(ROOT / "bench" / "infer.py")
     results = {}
     for case in cases:
-        results[case] = run_worker(script, ["profile", case, str(int(cold)), str(frames)])
+        results[case] = run_worker(
+            script, ["profile", case, str(int(cold)), str(frames), str(threads)]
+        )
         print(json.dumps({"case": case, **results[case]}), flush=True)  # as it comes
     rows = []
     for stage in STAGES:
@@ -199,5 +210,5 @@ def profile(cold: bool, cases: list[str], frames: int = 8) -> None:
         for line in r["calibration"]:
             print("  " + line)
     if "sd15" in results:
-        print("SD 1.5 edit total: 20 steps (2 run, the UNet's per-step time from the later calls)")
+        print("SD 1.5 edit total: 20 steps (1 run, the UNet's per-step time from its later calls)")
     print(machine_line())

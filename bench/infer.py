@@ -12,7 +12,7 @@ to 3L, within 10%).
 Each length runs ``repeats`` times in fresh processes (interleaved); the table shows the least
 peak memory and the best time seen, on the CPU with one thread.
 
-    python bench/infer.py --profile [--cold] [--cases bundled sd15] [--frames 8]
+    python bench/infer.py --profile [--cold] [--cases bundled sd15] [--frames 8] [--threads N]
 
 prints instead where an edit's time goes, in seconds per frame: media decode, CLIP, MiDaS,
 VAE encode, the UNet per step, VAE decode, encode/mux (``bench/edit_profile.py``).
@@ -91,14 +91,15 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="--profile: a fresh prepack cache")
     parser.add_argument("--cases", nargs="+", default=list(edit_profile.CASES))
     parser.add_argument("--frames", type=int, default=8, help="--profile: frames of the sd15 case")
+    parser.add_argument("--threads", type=int, default=0, help="--profile: 0 the default")
     parser.add_argument("--worker", nargs="+")
     args = parser.parse_args()
     if args.worker and args.worker[0] == "profile":
-        _, case, cold, frames = args.worker
-        print(json.dumps(edit_profile.worker(case, cold == "1", int(frames))))
+        _, case, cold, frames, threads = args.worker
+        print(json.dumps(edit_profile.worker(case, cold == "1", int(frames), int(threads))))
         return
     if args.profile:
-        edit_profile.profile(args.cold, args.cases, args.frames)
+        edit_profile.profile(args.cold, args.cases, args.frames, args.threads)
         return
     if args.worker:
         device, frames, window, steps, iters = args.worker
