@@ -66,7 +66,15 @@ def temporal_frame_limit(unet: torch.nn.Module) -> int | None:
 
 
 def check_settings(settings: EditSettings, max_frames: int | None = None) -> None:
-    """Raise ValueError naming the first setting that is out of range."""
+    """Raise ValueError naming the first setting that is of the wrong type or out of range."""
+    for name in ("steps", "t_s", "window_length", "window_overlap", "chunk_size"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+    for name in ("w", "w_t", "strength", "noise_correlation", "eta"):
+        value = getattr(settings, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
     if settings.method is not None:
         get_method(settings.method)
     if settings.steps < 1:
