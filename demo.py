@@ -4,7 +4,8 @@ Runs ``infer.py`` on each bundled sample clip (``bundle/tiny_world/samples/``, r
 the world's test split, which training never saw): with the tiny Gen-1, two edits take their
 content from a reference image (a frame of another held-out clip) and one from a text prompt
 through the bundled prior; with the tiny SD single file (``bundle/tiny_sd/``), one mov2mov
-edit from a prompt, through exactly the path a real SD 1.5 file takes. Writes the edited
+edit from a prompt, through exactly the path a real SD 1.5 file takes, and the same edit with
+the bundled tiny depth ControlNet. Writes the edited
 mp4s, side-by-side previews (input | depth | output), JSON sidecars and ``overview.png``
 (inputs left, edits right, frames 0, 5, 10, 15) under ``outputs/demo/``.
 
@@ -46,6 +47,17 @@ SD_EDITS = [
         "clip_a",
         "a red striped sphere on a purple checkered floor",
         ["strength=0.75"],
+    ),
+    (  # the same edit with the bundled depth ControlNet: the input's structure kept
+        "clip_a_sd_controlnet",
+        "clip_a",
+        "a red striped sphere on a purple checkered floor",
+        [
+            "strength=0.75",
+            "controlnet=[{file: bundle/tiny_sd/tiny_controlnet_depth.safetensors, hint: depth}]",
+            "midas.name=midas_tiny",
+            "midas.weights=bundle/tiny_world/midas_tiny.safetensors",
+        ],
     ),
 ]
 TINY_SD = Path("bundle/tiny_sd/tiny_sd.safetensors")

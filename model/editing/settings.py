@@ -41,6 +41,11 @@ class EditSettings:
     # on clean latents, as SD's own DDIM configs do (diffusers' set_alpha_to_one=False, ldm's
     # DDIMSampler); only to reproduce those exactly.
     set_alpha_to_one: bool = True
+    # The source's latents where the edit starts from them (strength < 1, masks): "mean" of
+    # the VAE posterior (the same for identical frames: steadier video), or a "sample" drawn
+    # from the seed before the starting noise, as diffusers' and A1111's img2img do (to
+    # reproduce their images exactly).
+    source_latents: str = "mean"
     method: str | None = None  # how frames are made consistent (None: the model's default)
 
 
@@ -63,7 +68,15 @@ def temporal_frame_limit(unet: torch.nn.Module) -> int | None:
 
 
 def check_settings(settings: EditSettings, max_frames: int | None = None) -> None:
-    """Raise ValueError naming the first setting that is out of range."""
+    """Raise ValueError naming the first setting that is of the wrong type or out of range."""
+    for name in ("steps", "t_s", "window_length", "window_overlap", "chunk_size"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+    for name in ("w", "w_t", "strength", "noise_correlation", "eta"):
+        value = getattr(settings, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
     if settings.method is not None:
         get_method(settings.method)
     if settings.steps < 1:
@@ -85,6 +98,8 @@ def check_settings(settings: EditSettings, max_frames: int | None = None) -> Non
         raise ValueError(f"noise_correlation must be in [0, 1], got {settings.noise_correlation}")
     if settings.prepack not in ("auto", True, False):
         raise ValueError(f"prepack must be auto, true or false, got {settings.prepack!r}")
+    if settings.source_latents not in ("mean", "sample"):
+        raise ValueError(f"source_latents must be mean or sample, got {settings.source_latents!r}")
     if settings.chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {settings.chunk_size}")
     window_slices(1, settings.window_length, settings.window_overlap)

@@ -86,10 +86,12 @@ def diffusers_params(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def diffusers_to_original(state: dict, net: ControlNet, path: Path) -> dict[str, torch.Tensor]:
-    """Rename a diffusers ``ControlNetModel`` state dict to cldm's names."""
+def controlnet_names(net: ControlNet) -> dict[str, str]:
+    """cldm -> diffusers module names of a ControlNet: the UNet encoder's
+    (``model.sd.diffusers_names``), the hint embedding (``controlnet_cond_embedding``) and the
+    zero convolutions (``controlnet_down_blocks``, ``controlnet_mid_block``)."""
     names = encoder_names(net)
-    count = len(net.input_hint_block) // 2  # convs in the hint block: 0, 2, ..., 2 (count - 1)
+    count = len(net.input_hint_block) // 2  # convs in the hint block: 0, 2, ..., 2 count
     names["input_hint_block.0"] = "controlnet_cond_embedding.conv_in"
     for i in range(1, count):
         names[f"input_hint_block.{2 * i}"] = f"controlnet_cond_embedding.blocks.{i - 1}"
@@ -97,7 +99,12 @@ def diffusers_to_original(state: dict, net: ControlNet, path: Path) -> dict[str,
     for i in range(len(net.zero_convs)):
         names[f"zero_convs.{i}.0"] = f"controlnet_down_blocks.{i}"
     names["middle_block_out.0"] = "controlnet_mid_block"
-    renamed, unmatched = rename_keys(state, names)
+    return names
+
+
+def diffusers_to_original(state: dict, net: ControlNet, path: Path) -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``ControlNetModel`` state dict to cldm's names."""
+    renamed, unmatched = rename_keys(state, controlnet_names(net))
     if unmatched:
         raise CheckpointError(
             f"{path} does not fit ControlNet: {len(unmatched)} unexpected keys: "
