@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.diffusion.guidance import sample, sdedit_steps
+from model.diffusion.guidance import sdedit_steps
 from model.diffusion.samplers import get_sigmas, resolve_sampler, sampler_kwargs
 from model.diffusion.windows import window_slices
-from model.editing.methods import resolve_method
+from model.editing.methods import SamplingRun, resolve_method
 from model.editing.precision import autocast, inference_weights
 from model.editing.settings import EditSettings, check_settings, temporal_frame_limit
 from model.encoders.structure import normalize_clip
@@ -37,6 +37,7 @@ class EditResult:
     window_calls: int = 0  # denoiser calls on windows, over all steps
     steps_run: int = 0  # sampler steps actually run (fewer than ``steps`` when strength < 1)
     method: str = ""  # the editing method that ran (``model.editing.methods``)
+    method_settings: dict = field(default_factory=dict)  # its own settings, for the sidecar
 
 
 def _chunks(num_frames: int, size: int) -> list[slice]:
@@ -115,6 +116,7 @@ def edit_video(
     check_settings(settings, temporal_frame_limit(unet))
     device = next(unet.parameters()).device
     batch, num_frames, _, height, width = frames.shape
+    method.check(settings, num_frames, mask is not None)
     factor = model.vae.downsample_factor
     if height % factor or width % factor:
         raise ValueError(f"frame size {height}x{width} is not a multiple of the VAE's {factor}")
@@ -145,7 +147,7 @@ def edit_video(
         if not settings.set_alpha_to_one:  # end on t = 0's noise level, as SD's DDIM configs
             sigmas[-1] = model.schedule.sigmas[0]
         shape = (batch, num_frames, unet.out_channels, *size)
-        noise = method.noise(shape, settings, generator).to(device)
+        noise = method.noise(shape, settings, generator, frames.float().cpu()).to(device)
         source, small_mask = None, None
         if settings.strength < 1.0 or mask is not None:
             source = encode_frames(model.vae, frames, settings.chunk_size, device)
@@ -156,7 +158,7 @@ def edit_video(
         step_noise = method.step_noise(shape, generator, device)
         if step_noise is not None and "generator" in step_kwargs:  # a stochastic sampler
             step_kwargs["noise_sampler"] = step_noise
-        latents = sample(
+        run = SamplingRun(
             sampler,
             denoiser,
             noise,
@@ -165,9 +167,13 @@ def edit_video(
             strength=settings.strength,
             mask=small_mask,
             extra_args={"cond": cond, "uncond": uncond},
+            sampler_kwargs=step_kwargs,
+            frames=frames.float().cpu(),
+            factor=factor,
+            settings=settings,
             disable=not progress,
-            **step_kwargs,
         )
+        latents = method.render(run)  # one sampling run, or one per frame (the method's)
         if sigmas[-1] > 0:  # latents at the last sigma, back to the model's DDPM space
             latents = latents / (1 + sigmas[-1] ** 2).sqrt()
         out = decode_latents(model.vae, latents, settings.chunk_size, progress)
@@ -182,4 +188,5 @@ def edit_video(
         window_calls=denoiser.windows_seen,
         steps_run=sdedit_steps(settings.steps, settings.strength),
         method=method.name,
+        method_settings=method.describe(settings),
     )
