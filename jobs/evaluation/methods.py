@@ -67,6 +67,8 @@ def run_methods(cfg: DictConfig, gen1, estimator, _clips=None) -> dict:
     to_image = prior_function(load_prior(cfg.prior), seed=cfg.seed,
                               num_candidates=cfg.prior_candidates)  # fmt: skip
     means, per_clip = {}, []
+    with open_dict(cfg):
+        cfg.num_clips = int(cfg.methods.num_clips)
     for speed in cfg.methods.speeds:
         with open_dict(cfg):
             cfg.speed = float(speed)

@@ -67,6 +67,8 @@ def check_methods(cfg: DictConfig) -> None:
     """``mode=methods``: the SD file, the methods, the speeds and the settings they take."""
     if not Path(str(cfg.methods.sd_checkpoint)).is_file():
         raise EvalError(f"methods.sd_checkpoint not found: {cfg.methods.sd_checkpoint}")
+    if cfg.methods.num_clips < 1:
+        raise EvalError(f"methods.num_clips must be >= 1, got {cfg.methods.num_clips}")
     if not cfg.methods.speeds or any(s <= 0 for s in cfg.methods.speeds):
         raise EvalError(f"methods.speeds must list positive speeds, got {cfg.methods.speeds}")
     run = {"strength": cfg.methods.strength, "steps": cfg.methods.steps}
