@@ -39,6 +39,11 @@ class EditSettings:
     # on clean latents, as SD's own DDIM configs do (diffusers' set_alpha_to_one=False, ldm's
     # DDIMSampler); only to reproduce those exactly.
     set_alpha_to_one: bool = True
+    # The source's latents where the edit starts from them (strength < 1, masks): "mean" of
+    # the VAE posterior (the same for identical frames: steadier video), or a "sample" drawn
+    # from the seed before the starting noise, as diffusers' and A1111's img2img do (to
+    # reproduce their images exactly).
+    source_latents: str = "mean"
     method: str | None = None  # how frames are made consistent (None: the model's default)
     # Method settings (model.editing.methods; infer.yaml's cross_frame.*, prev_frame.*,
     # multi_frame.* keys): cross_frame's anchor frames (first | first_previous | self | a list
@@ -105,6 +110,8 @@ def check_settings(settings: EditSettings, max_frames: int | None = None) -> Non
         raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
     if not 0.0 <= settings.noise_correlation <= 1.0:
         raise ValueError(f"noise_correlation must be in [0, 1], got {settings.noise_correlation}")
+    if settings.source_latents not in ("mean", "sample"):
+        raise ValueError(f"source_latents must be mean or sample, got {settings.source_latents!r}")
     if settings.chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {settings.chunk_size}")
     window_slices(1, settings.window_length, settings.window_overlap)

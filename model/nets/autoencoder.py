@@ -256,9 +256,9 @@ class AutoencoderKL(nn.Module):
         """Scaled latents from posterior moments: the mean, or a draw when ``logvar`` is given
         (for moments computed earlier, as a cache of encoded clips stores them)."""
         if logvar is not None:
-            noise = torch.randn(
-                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
-            )
+            where = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype)
+            noise = noise.to(mean.device)  # a CPU generator draws the same on any device
             mean = mean + torch.exp(0.5 * logvar) * noise
         return mean * self.scale_factor
 
