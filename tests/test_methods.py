@@ -258,3 +258,37 @@ def test_every_method_runs_on_sd_depth_and_inpainting_files(tmp_path, conditioni
                    window_overlap=0)  # fmt: skip
         assert out.shape == frames.shape and torch.isfinite(out).all()
         assert not torch.equal(out[:, 1:], reference[:, 1:]), method
+
+
+def test_every_method_runs_with_controlnet_units(tmp_path):
+    """ControlNet hints are per frame: they follow each frame through the carried anchors,
+    the sequential renders and the multi-frame canvas."""
+    from safetensors.torch import save_file
+
+    from model.nets.controlnet import ControlNet
+    from model.sd.control import Control, ControlUnit
+    from model.sd.controlnet import load_controlnet
+    from tests.sd_files import tiny_config, write_tiny_sd
+    from tests.sd_layout import randomise
+
+    config = tiny_config("sd1", "eps")
+    path, _ = write_tiny_sd(tmp_path, "sd.safetensors", config)
+    net_state = randomise(ControlNet(hint_widths=(16, 32, 64), **config.unet).state_dict(), 5)
+    save_file({"control_model." + k: v for k, v in net_state.items()}, str(tmp_path / "cn.safetensors"))
+    model = load_sd(path)
+    net = load_controlnet(tmp_path / "cn.safetensors", config.unet)
+    frames = translated_clip(3, 8, size=32)
+    hint = (frames + 1) / 2
+    content = model.encode_prompt(PROMPT)
+    for method in METHODS:
+        values = {"steps": 2, "strength": 0.75, "prepack": False, "method": method,
+                  "window_length": 2, "window_overlap": 0}  # fmt: skip
+
+        def run(control, values=values):
+            generator = torch.Generator().manual_seed(0)
+            return edit_video(model, frames, content, EditSettings(**values),
+                              generator=generator, control=control).frames  # fmt: skip
+
+        controlled = run(Control((ControlUnit(net, hint, 1.0, 0.0, 1.0),)))
+        assert controlled.shape == frames.shape and torch.isfinite(controlled).all()
+        assert not torch.equal(controlled, run(None)), method
