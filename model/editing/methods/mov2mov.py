@@ -24,7 +24,8 @@ from model.editing.methods.base import SamplingRun, model_denoiser
 
 
 class Mov2Mov:
-    """``method=mov2mov``: the default (and so far only) method of an SD checkpoint."""
+    """``method=mov2mov``: the default method of an SD checkpoint, and the base the other
+    training-free methods (``model.editing.methods``) change one part of."""
 
     name = "mov2mov"
     needs = "an image model (any SD checkpoint, or a Gen-1 UNet with its temporal layers off)"
@@ -34,9 +35,9 @@ class Mov2Mov:
     def noise(
         self, shape: tuple[int, ...], settings: Any, generator, frames: torch.Tensor | None = None
     ) -> torch.Tensor:
-        batch, frames, *rest = shape
+        batch, count, *rest = shape
         shared = torch.randn((batch, 1, *rest), generator=generator)
-        return shared.expand(batch, frames, *rest).contiguous()
+        return shared.expand(batch, count, *rest).contiguous()
 
     def step_noise(self, shape: tuple[int, ...], generator, device):
         """Stochastic samplers' fresh noise, also one draw shared by every frame."""
