@@ -156,13 +156,17 @@ def plot_methods(means: dict) -> Figure:
     panels = figure.subplots(1, len(means), squeeze=False)[0]
     colours = {"tiny SD": "tab:blue", "Gen-1 tiny": "tab:red"}
     for panel, (speed, rows) in zip(panels, means.items(), strict=True):
+        points: dict[tuple, list[str]] = {}  # identical results share one point and label
         for name, scores in rows.items():
             model, method = name.split(" / ")
-            x, y = scores["structure_fidelity"], scores["warp_error"]
-            marker = "*" if method == "gen1" else "o"
+            xy = (scores["structure_fidelity"], scores["warp_error"])
+            points.setdefault((model, *xy), []).append(method)
+        for (model, x, y), methods in points.items():
+            marker = "*" if "gen1" in methods else "o"
             panel.scatter([x], [y], color=colours.get(model, "k"), marker=marker,
                           s=120 if marker == "*" else 36)  # fmt: skip
-            panel.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            label = " = ".join(methods)
+            panel.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         panel.set_xlabel("structure fidelity error (lower is better)")
         panel.set_ylabel("warp error (lower is better)")
         panel.set_yscale("log")
