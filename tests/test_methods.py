@@ -274,9 +274,10 @@ def test_every_method_runs_with_controlnet_units(tmp_path):
     config = tiny_config("sd1", "eps")
     path, _ = write_tiny_sd(tmp_path, "sd.safetensors", config)
     net_state = randomise(ControlNet(hint_widths=(16, 32, 64), **config.unet).state_dict(), 5)
-    save_file({"control_model." + k: v for k, v in net_state.items()}, str(tmp_path / "cn.safetensors"))
+    net_path = tmp_path / "cn.safetensors"
+    save_file({"control_model." + k: v for k, v in net_state.items()}, str(net_path))
     model = load_sd(path)
-    net = load_controlnet(tmp_path / "cn.safetensors", config.unet)
+    net = load_controlnet(net_path, config.unet)
     frames = translated_clip(3, 8, size=32)
     hint = (frames + 1) / 2
     content = model.encode_prompt(PROMPT)
