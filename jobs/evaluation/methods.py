@@ -165,8 +165,11 @@ def plot_methods(means: dict) -> Figure:
             marker = "*" if "gen1" in methods else "o"
             panel.scatter([x], [y], color=colours.get(model, "k"), marker=marker,
                           s=120 if marker == "*" else 36)  # fmt: skip
-            label = " = ".join(methods)
-            panel.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            label = " =\n".join(methods)
+            text = panel.annotate(label, (x, y), fontsize=6.5, xytext=(4, -2),
+                                  textcoords="offset points", va="top")  # fmt: skip
+            text.set_in_layout(False)  # labels never squeeze the panels
+        panel.margins(x=0.45, y=0.2)
         panel.set_xlabel("structure fidelity error (lower is better)")
         panel.set_ylabel("warp error (lower is better)")
         panel.set_yscale("log")
