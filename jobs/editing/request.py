@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from data.media import (
     SourceVideo,
 )
-from model.editing.methods import method_names
+from model.editing.methods import get_method, method_names
 from model.editing.precision import native_bf16
 from model.editing.settings import (
     EditSettings,
@@ -120,8 +120,14 @@ def check_request(cfg: DictConfig, kind: str) -> None:
                 f"{key}=... is required (python infer.py input=IN.mp4 output=OUT.mp4 "
                 "checkpoint=FILE reference=IMAGE)"
             )
-    if cfg.method is not None and cfg.method not in method_names():
-        raise InferError(f"unknown method {cfg.method!r}; known: {', '.join(method_names())}")
+    if cfg.method is not None:
+        unknown = [m for m in str(cfg.method).split("+") if m.strip() not in method_names()]
+        if unknown:
+            raise InferError(f"unknown method {unknown[0]!r}; known: {', '.join(method_names())}")
+        try:
+            get_method(str(cfg.method)).check(edit_settings(cfg), None, cfg.mask is not None)
+        except ValueError as err:
+            raise InferError(str(err)) from err
     if kind == "sd":
         check_text_request(cfg)
     else:

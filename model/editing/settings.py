@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -47,18 +47,42 @@ class EditSettings:
     # reproduce their images exactly).
     source_latents: str = "mean"
     method: str | None = None  # how frames are made consistent (None: the model's default)
+    # Method settings (model.editing.methods; infer.yaml's cross_frame.*, prev_frame.*,
+    # multi_frame.* keys): cross_frame's anchor frames (first | first_previous | self | a list
+    # of keyframe indices), prev_frame's warp of the previous output by the input's motion,
+    # multi_frame's canvas layout, left to right.
+    anchors: str | tuple[int, ...] = "first"
+    warp: bool = True
+    canvas: tuple[str, ...] = ("previous", "current", "first")
+
+
+# EditSettings fields read from a nested config key (``window.length`` ...).
+NESTED_KEYS = {
+    "window_length": ("window", "length"),
+    "window_overlap": ("window", "overlap"),
+    "anchors": ("cross_frame", "anchors"),
+    "warp": ("prev_frame", "warp"),
+    "canvas": ("multi_frame", "canvas"),
+}
+
+
+def _plain(value):
+    """A config list (OmegaConf's ListConfig, a list) as a tuple; anything else as it is."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(value)
+    return value
 
 
 def settings_from_config(config: Mapping, **overrides) -> EditSettings:
     """The :class:`EditSettings` of an ``infer.py`` / ``eval.py`` config: its keys named as the
-    fields, ``window.length`` / ``window.overlap``, then ``overrides``; absent keys keep the
-    defaults."""
+    fields, the nested keys of ``NESTED_KEYS`` (``window.length``, ``cross_frame.anchors``
+    ...), then ``overrides``; absent keys keep the defaults."""
     values = {f.name: config[f.name] for f in fields(EditSettings) if f.name in config}
-    window = config.get("window") or {}
-    for key in ("length", "overlap"):
-        if key in window:
-            values[f"window_{key}"] = window[key]
-    return EditSettings(**{**values, **overrides})
+    for name, (group, key) in NESTED_KEYS.items():
+        if key in (config.get(group) or {}):
+            values[name] = config[group][key]
+    values = {k: _plain(v) for k, v in {**values, **overrides}.items()}
+    return EditSettings(**values)
 
 
 def temporal_frame_limit(unet: torch.nn.Module) -> int | None:
@@ -78,7 +102,7 @@ def check_settings(settings: EditSettings, max_frames: int | None = None) -> Non
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
     if settings.method is not None:
-        get_method(settings.method)
+        get_method(settings.method).check(settings, None, False)
     if settings.steps < 1:
         raise ValueError(f"steps must be >= 1, got {settings.steps}")
     if settings.t_s < 0:
