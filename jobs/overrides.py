@@ -24,7 +24,10 @@ INFER_PATHS += ("hed", "prompt", "negative_prompt")  # free text, as any file na
 TRAIN_PATHS = ("data.root", "data.manifest", "data.image_root", "data.image_manifest")
 TRAIN_PATHS += ("data.cache_dir", "ckpt_path", "run_dir", "hydra.run.dir", "model.weights.vae")
 TRAIN_PATHS += ("model.weights.unet", "model.weights.sd_checkpoint", "model.clip.weights")
-TRAIN_PATHS += ("model.depth.weights",)
+TRAIN_PATHS += ("model.depth.weights", "data.videos", "data.images", "data.val", "data.url_format")
+SHARD_PATHS = ("videos.root", "videos.manifest", "images.root", "images.manifest", "output")
+SHARD_PATHS += ("model.weights.vae", "model.weights.sd_checkpoint", "model.clip.weights")
+SHARD_PATHS += ("model.depth.weights", "hydra.run.dir")
 EVAL_PATHS = ("checkpoint", "prior", "output_dir", "midas.weights", "hydra.run.dir", "prompt")
 
 
