@@ -1,6 +1,6 @@
 """Make a release file from a training checkpoint:
 ``python release.py CHECKPOINT.ckpt OUT.safetensors [--no-ema] [--sampling KEY=VALUE ...]``,
-``... --component NAME`` or ``... --format sd``.
+``... --component NAME`` or ``... --format sd|controlnet``.
 
 The release holds the EMA UNet (the trained weights with ``--no-ema``) and the frozen parts,
 in fp16, with the model's config as JSON metadata; ``infer.py checkpoint=OUT.safetensors``
@@ -10,7 +10,9 @@ loads it. ``--sampling`` sets the editing defaults it carries (``resolution``,
 (``experiment=tiny_vae`` ...) trained, in the file format its loader reads. ``--format sd``
 writes the checkpoint of a text-to-image SD trainer (``experiment=tiny_sd``) as a single-file
 SD checkpoint in the original key layout (fp16; the EMA UNet unless ``--no-ema``) with its
-inference ``OUT.yaml`` beside it, as SD checkpoints ship. Prints the file's sha256. Exit
+inference ``OUT.yaml`` beside it, as SD checkpoints ship; ``--format controlnet`` writes a
+ControlNet trainer's (``experiment=tiny_controlnet``) ControlNet in the original layout
+(``control_model.*``, fp16, EMA unless ``--no-ema``). Prints the file's sha256. Exit
 status 1 with one line on stderr on failure.
 """
 
@@ -78,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--format",
-        choices=("gen1", "sd"),
+        choices=("gen1", "sd", "controlnet"),
         default="gen1",
-        help="gen1: a Gen-1 release (default); sd: an SD single file + .yaml (SDTrainer)",
+        help="gen1: a Gen-1 release (default); sd: an SD single file + .yaml (SDTrainer); "
+        "controlnet: a ControlNet in the original layout, control_model.* (ControlNetTrainer)",
     )
     parser.add_argument(
         "--component",
@@ -100,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             from model.training.sd_training import release_sd
 
             digest = release_sd(args.checkpoint, args.output, use_ema=not args.no_ema)
+        elif args.format == "controlnet":
+            from model.training.controlnet_training import release_controlnet
+
+            digest = release_controlnet(args.checkpoint, args.output, use_ema=not args.no_ema)
         else:
             digest = release_from_checkpoint(
                 args.checkpoint, args.output, use_ema=not args.no_ema, sampling=sampling

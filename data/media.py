@@ -220,3 +220,34 @@ def read_depth(path, source: SourceVideo, indices: list[int], size) -> torch.Ten
             f"depth {path} has {video.num_frames} frames; the input has {source.num_frames}"
         )
     return read_frames(video, indices, size).mean(dim=2, keepdim=True)
+
+
+def read_hint(path, source: SourceVideo, indices: list[int], size) -> torch.Tensor:
+    """A ControlNet hint given as a file, ``(1, F, 3, H, W)`` in [0, 1] at ``size``: an image
+    (the same hint for every frame), a video of the input's frame count, or a .npy of
+    ``(frames, H, W)`` or ``(frames, H, W, 3)`` values in [0, 1]."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        try:
+            array = np.load(existing(path), allow_pickle=False)
+        except ValueError as err:
+            raise MediaError(f"{path}: not a numeric .npy array ({err})") from err
+        if array.ndim == 3:
+            array = array[..., None].repeat(3, axis=-1)
+        if array.ndim != 4 or array.shape[0] != source.num_frames or array.shape[-1] != 3:
+            raise MediaError(
+                f"hint {path} has shape {array.shape}; expected ({source.num_frames}, H, W) "
+                "or (frames, H, W, 3)"
+            )
+        hint = torch.from_numpy(np.asarray(array[indices], dtype=np.float32)).permute(0, 3, 1, 2)
+        return F.interpolate(hint, size=tuple(size), mode="bilinear").clamp(0, 1)[None]
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        image = torch.from_numpy(read_image(path).copy()).permute(2, 0, 1)[None].float() / 255
+        hint = F.interpolate(image, size=tuple(size), mode="bilinear").clamp(0, 1)
+        return hint.expand(len(indices), -1, -1, -1)[None]
+    video = probe_video(path, audio=False)
+    if video.num_frames != source.num_frames:
+        raise MediaError(
+            f"hint {path} has {video.num_frames} frames; the input has {source.num_frames}"
+        )
+    return (read_frames(video, indices, size) + 1) / 2

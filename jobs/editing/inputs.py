@@ -22,6 +22,7 @@ from data.media import (
     read_image,
     read_mask,
 )
+from jobs.editing.control import check_control_request, read_hint_files
 from jobs.editing.request import (
     Geometry,
     InferError,
@@ -50,6 +51,7 @@ class Inputs:
     times: FrameTimes  # when each output frame shows
     timing: str  # "constant rate" or "source timestamps"
     audio: AudioTrack  # the kept span's audio, ready to mux (or why there is none)
+    hints: dict[int, torch.Tensor]  # ControlNet hints given as files, by unit index
 
 
 def pad(geometry: Geometry, video: torch.Tensor | None) -> torch.Tensor | None:
@@ -60,6 +62,7 @@ def pad(geometry: Geometry, video: torch.Tensor | None) -> torch.Tensor | None:
 def read_inputs(cfg: DictConfig, kind: str) -> Inputs:
     """Check the request and read every input file; any problem is an InferError."""
     check_request(cfg, kind)
+    check_control_request(cfg, kind)
     try:
         check_settings(edit_settings(cfg))
     except ValueError as err:
@@ -85,4 +88,5 @@ def read_inputs(cfg: DictConfig, kind: str) -> Inputs:
         times=times,
         timing=timing,
         audio=read_audio(source, span_s),  # cut and encoded now: writing cannot fail on it
+        hints=read_hint_files(cfg, source, indices, size, geometry),
     )

@@ -11,7 +11,9 @@ import time
 import torch
 from omegaconf import DictConfig
 
+from jobs.editing.control import control_units, describe_control
 from jobs.editing.inputs import read_inputs
+from jobs.editing.loras import apply_loras, requested_loras
 from jobs.editing.models import content_embedding, load_model
 from jobs.editing.outputs import describe, write_outputs
 from jobs.editing.request import (
@@ -57,10 +59,13 @@ def run(cfg: DictConfig) -> dict:
     clock = [time.perf_counter()]
     kind = checkpoint_kind_of(cfg)
     resolve_checkpoint_defaults(cfg, kind)
+    loras = requested_loras(cfg)  # read and checked before any input is decoded
     inputs = read_inputs(cfg, kind)
     clock.append(time.perf_counter())
     device, dtype = device_and_dtype(cfg)
     model, estimator = load_model(cfg, inputs, device, dtype, kind)
+    applied_loras = apply_loras(model, loras, kind)
+    control = control_units(cfg, model, inputs, estimator, device, dtype)
     clock.append(time.perf_counter())
     seed = int(cfg.seed) if cfg.seed is not None else secrets.randbelow(2**31)
     announce(cfg, inputs, device, dtype, model.vae.downsample_factor)
@@ -76,12 +81,16 @@ def run(cfg: DictConfig) -> dict:
         autocast_dtype=dtype,
         # Bars redraw in place: on a terminal only; a log file gets the lines around them.
         progress=cfg.progress and sys.stderr.isatty(),
+        control=control,
     )
     geometry = inputs.geometry
     depth = geometry.crop(result.depth) if result.depth is not None else None
     result = dataclasses.replace(result, frames=geometry.crop(result.frames), depth=depth)
     clock.append(time.perf_counter())
     sidecar = describe(cfg, inputs, result, seed, model, device, dtype, kind)
+    sidecar["lora"] = applied_loras
+    if control is not None:
+        sidecar["controlnet"] = describe_control(cfg)
     phases = ("read_s", "load_s", "edit_s")
     sidecar["timing"] = {k: b - a for k, a, b in zip(phases, clock[:-1], clock[1:], strict=True)}
     write_outputs(cfg, inputs, result, sidecar, clock[0])

@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.diffusion.guidance import sample, sdedit_steps
+from model.diffusion.guidance import sdedit_steps
 from model.diffusion.samplers import get_sigmas, resolve_sampler, sampler_kwargs
 from model.diffusion.windows import window_slices
-from model.editing.methods import resolve_method
+from model.editing.methods import SamplingRun, resolve_method
 from model.editing.precision import autocast, inference_weights
 from model.editing.settings import EditSettings, check_settings, temporal_frame_limit
 from model.encoders.structure import normalize_clip
+from model.sd.control import Control
 
 
 @dataclass
@@ -37,6 +38,24 @@ class EditResult:
     window_calls: int = 0  # denoiser calls on windows, over all steps
     steps_run: int = 0  # sampler steps actually run (fewer than ``steps`` when strength < 1)
     method: str = ""  # the editing method that ran (``model.editing.methods``)
+    method_settings: dict = field(default_factory=dict)  # its own settings, for the sidecar
+
+
+def check_control(model, control: Control | None, video_shape: torch.Size) -> None:
+    """ControlNet units only on a model that takes them, with hints ``(1 or B, F, C, H, W)``
+    at the frames' size; ``ValueError`` otherwise."""
+    if control is None:
+        return
+    if not getattr(model, "takes_control", False):
+        raise ValueError(f"ControlNet units need an SD checkpoint, not a {type(model).__name__}")
+    batch, num_frames, _, height, width = video_shape
+    for unit in control.units:
+        b, f, _, h, w = unit.hint.shape
+        if b not in (1, batch) or (f, h, w) != (num_frames, height, width):
+            raise ValueError(
+                f"ControlNet {unit.label} hint {tuple(unit.hint.shape)} does not fit the "
+                f"{num_frames} frames of {height}x{width}"
+            )
 
 
 def _chunks(num_frames: int, size: int) -> list[slice]:
@@ -67,10 +86,15 @@ def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tenso
     return small.view(b, f, 1, *latent_size)
 
 
-def encode_frames(vae, frames: torch.Tensor, chunk_size: int, device) -> torch.Tensor:
-    """Posterior-mean latents of ``(B, F, 3, H, W)`` frames, a chunk of frames at a time."""
+def encode_frames(
+    vae, frames: torch.Tensor, chunk_size: int, device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Latents of ``(B, F, 3, H, W)`` frames, a chunk of frames at a time: the posterior mean,
+    or with ``generator`` a draw from the posterior (frame by frame, in order)."""
+    sample = generator is not None
     parts = [
-        vae.encode(frames[:, s].to(device)).float() for s in _chunks(frames.shape[1], chunk_size)
+        vae.encode(frames[:, s].to(device), sample, generator).float()
+        for s in _chunks(frames.shape[1], chunk_size)
     ]
     return torch.cat(parts, dim=1)
 
@@ -96,6 +120,7 @@ def edit_video(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    control: Control | None = None,
 ) -> EditResult:
     """Edit ``frames`` ``(B, F, 3, H, W)`` in [-1, 1] (any device; moved a chunk at a time)
     with ``model`` (a Gen-1 model or an SD checkpoint: ``model.editing.interface``) toward
@@ -107,18 +132,22 @@ def edit_video(
     ``(B, F or 1, 1, H, W)`` in [0, 1] limits the edit to where it is 1; ``generator`` (a CPU
     generator) draws all noise, so a seed reproduces an edit on any device;
     ``autocast_dtype`` (float16 / bfloat16) runs the networks in half precision.
-    Raises ``ValueError`` for settings out of range, a method the model does not run, or a
-    frame size that is not a multiple of the VAE's factor.
+    ``control``: ControlNet units with their hints (``model.sd.control``; SD models only),
+    acting with every method, sampler, window and mask.
+    Raises ``ValueError`` for settings out of range, a method the model does not run, a
+    frame size that is not a multiple of the VAE's factor, or hints that do not fit.
     """
     method = resolve_method(model, settings.method)
     unet = model.sampling_unet()
     check_settings(settings, temporal_frame_limit(unet))
     device = next(unet.parameters()).device
     batch, num_frames, _, height, width = frames.shape
+    method.check(settings, num_frames, mask is not None)
     factor = model.vae.downsample_factor
     if height % factor or width % factor:
         raise ValueError(f"frame size {height}x{width} is not a multiple of the VAE's {factor}")
     size = (height // factor, width // factor)
+    check_control(model, control, frames.shape)
     needs_depth = model.uses_depth and depth is None
     networks = [unet, model.vae]
     if needs_depth:
@@ -144,10 +173,18 @@ def edit_video(
         sigmas = get_sigmas(schedule_name, settings.steps, model.schedule, device=device)
         if not settings.set_alpha_to_one:  # end on t = 0's noise level, as SD's DDIM configs
             sigmas[-1] = model.schedule.sigmas[0]
+        if control is not None:  # units act on a fraction of the steps the run takes
+            n = len(sigmas) - 1  # sample() keeps the last sdedit_steps(n, strength) steps
+            run = sigmas[n - sdedit_steps(n, settings.strength) : -1]
+            cond["control"] = control.for_steps(model.schedule.sigma_to_t(run))
+            cond["control_hint"] = control.stacked_hints().expand(batch, -1, -1, -1, -1).to(device)
         shape = (batch, num_frames, unet.out_channels, *size)
-        noise = method.noise(shape, settings, generator).to(device)
         source, small_mask = None, None
-        if settings.strength < 1.0 or mask is not None:
+        needs_source = settings.strength < 1.0 or mask is not None
+        if needs_source and settings.source_latents == "sample":  # drawn first, as diffusers
+            source = encode_frames(model.vae, frames, settings.chunk_size, device, generator)
+        noise = method.noise(shape, settings, generator, frames.float().cpu()).to(device)
+        if needs_source and source is None:
             source = encode_frames(model.vae, frames, settings.chunk_size, device)
         if mask is not None:
             small_mask = latent_mask(mask, size).to(device)
@@ -156,7 +193,7 @@ def edit_video(
         step_noise = method.step_noise(shape, generator, device)
         if step_noise is not None and "generator" in step_kwargs:  # a stochastic sampler
             step_kwargs["noise_sampler"] = step_noise
-        latents = sample(
+        sampling = SamplingRun(
             sampler,
             denoiser,
             noise,
@@ -165,9 +202,13 @@ def edit_video(
             strength=settings.strength,
             mask=small_mask,
             extra_args={"cond": cond, "uncond": uncond},
+            sampler_kwargs=step_kwargs,
+            frames=frames.float().cpu(),
+            factor=factor,
+            settings=settings,
             disable=not progress,
-            **step_kwargs,
         )
+        latents = method.render(sampling)  # one sampling run, or one per frame (the method's)
         if sigmas[-1] > 0:  # latents at the last sigma, back to the model's DDPM space
             latents = latents / (1 + sigmas[-1] ** 2).sqrt()
         out = decode_latents(model.vae, latents, settings.chunk_size, progress)
@@ -182,4 +223,5 @@ def edit_video(
         window_calls=denoiser.windows_seen,
         steps_run=sdedit_steps(settings.steps, settings.strength),
         method=method.name,
+        method_settings=method.describe(settings),
     )

@@ -259,10 +259,10 @@ class AutoencoderKL(nn.Module):
         standard normal ``noise`` given or drawn from ``generator``."""
         if logvar is not None:
             if noise is None:
-                noise = torch.randn(
-                    mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
-                )
-            mean = mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
+                where = generator.device if generator is not None else mean.device
+                noise = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype)
+            # a CPU generator draws the same on any device
+            mean = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
         return mean * self.scale_factor
 
     def video_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

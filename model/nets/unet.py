@@ -79,6 +79,7 @@ class UNet(nn.Module):
         temporal: bool = False,
         temporal_max_frames: int = 32,
         content_dim: int | None = None,
+        decoder: bool = True,
         **sd_params: object,
     ) -> None:
         super().__init__()
@@ -151,6 +152,9 @@ class UNet(nn.Module):
         self.middle_block = TimestepEmbedSequential(
             resblock(ch, ch), attention(ch, len(channel_mult) - 1), resblock(ch, ch)
         )
+        self.encoder_channels = list(skip_channels)  # what each input block outputs
+        if not decoder:  # the encoder half alone (a ControlNet: ``model.nets.controlnet``)
+            return
 
         self.output_blocks = nn.ModuleList()
         self.upsamples: list[bool] = []  # per output block: does it end in an Upsample
@@ -184,6 +188,7 @@ class UNet(nn.Module):
         y: torch.Tensor | None = None,
         temporal: bool | torch.Tensor = True,
         anchors: torch.Tensor | None = None,
+        control: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the model's output (eps or v) for images or videos.
 
@@ -191,6 +196,10 @@ class UNet(nn.Module):
         ``anchors`` (videos ``(B, F, ...)`` only), a long tensor ``(F, A)``, makes every spatial
         self-attention cross-frame: frame k attends to the tokens of frames ``anchors[k]``
         (``model.nets.frames.Frames``); it works with the temporal layers on or off.
+        ``control``: ControlNet residuals (``model.nets.controlnet``), one per input block and
+        one for the middle block, each shaped as that block's output with the frames folded
+        into the batch (``(B F, C, h, w)``); they are added to the skip connections and to the
+        middle block's output, as ControlNet's ``ControlledUnetModel`` adds them.
         """
         video = x.ndim == 5
         batch, num_frames = x.shape[0], (x.shape[1] if video else 1)
@@ -230,6 +239,11 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, context, frames)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context, frames)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"control needs {len(skips) + 1} residuals, got {len(control)}")
+            skips = [s + c.to(s.dtype) for s, c in zip(skips, control[:-1], strict=True)]
+            h = h + control[-1].to(h.dtype)
         for block, upsamples in zip(self.output_blocks, self.upsamples, strict=True):
             h = torch.cat([h, skips.pop()], dim=1)
             size = None

@@ -98,7 +98,8 @@ class StableDiffusion(nn.Module):
     is its default).
     """
 
-    methods = ("mov2mov",)
+    methods = ("mov2mov", "cross_frame", "motion_noise", "multi_frame", "prev_frame")
+    takes_control = True  # ControlNet units (``model.sd.control``) act on its UNet
 
     def __init__(
         self,
@@ -163,16 +164,24 @@ class StableDiffusion(nn.Module):
         return PromptEmbedding(hidden[1:], hidden[:1], prompt, negative)
 
     def model_fn(self, unet: nn.Module | None = None) -> Callable[..., torch.Tensor]:
-        """``fn(x, t, context, structure=None, concat=None, temporal=False)``: the UNet on the
-        latents with SD 2-depth's ``structure`` or inpainting's ``concat`` channels appended
-        (``temporal`` is accepted for the pipeline's sake: an SD UNet has no temporal layers)."""
+        """``fn(x, t, context, structure=None, concat=None, temporal=False, control=None,
+        control_hint=None)``: the UNet on the latents with SD 2-depth's ``structure`` or
+        inpainting's ``concat`` channels appended, and the residuals of ControlNet units
+        (``model.sd.control.Control`` with its stacked hints) added (``temporal`` is accepted
+        for the pipeline's sake: an SD UNet has no temporal layers)."""
         unet = unet or self.unet
 
-        def fn(x, t, context=None, structure=None, concat=None, temporal=False):
+        def fn(
+            x, t, context=None, structure=None, concat=None, temporal=False, control=None,
+            control_hint=None,
+        ):  # fmt: skip
+            residuals = None
+            if control is not None:
+                residuals = control.residuals(x, t, context, control_hint)
             extra = [e.to(x.dtype) for e in (structure, concat) if e is not None]
             if extra:
                 x = torch.cat([x, *extra], dim=-3)
-            return unet(x, t, context, temporal=temporal)
+            return unet(x, t, context, temporal=temporal, control=residuals)
 
         return fn
 

@@ -105,10 +105,11 @@ class Gen1(pl.LightningModule):
     ``sampling`` holds editing defaults that travel with the checkpoint: ``resolution``,
     the longest frame side the model was trained at (``infer.py``'s default). It implements
     the editing pipeline's model interface (``model.editing.interface``) and runs the methods
-    in ``methods``: the video model (``gen1``, its default) and frame-by-frame ``mov2mov``.
+    in ``methods``: the video model (``gen1``, its default), frame-by-frame ``mov2mov`` and
+    the other training-free methods on its image model (temporal layers off).
     """
 
-    methods = ("gen1", "mov2mov")
+    methods = ("gen1", "mov2mov", "cross_frame", "motion_noise", "multi_frame", "prev_frame")
 
     def __init__(
         self,
