@@ -1,14 +1,13 @@
 """The Gen-1 LightningModule: frozen VAE, depth and CLIP around a trainable video UNet.
 
-Built from plain config dicts (kept as hyper-parameters, so a checkpoint or a release
-file rebuilds the model without Hydra and without naming classes). A training step
-encodes frames, turns depth into structure at a random fidelity ``t_s``, takes the CLIP
-embedding of a random frame as content (dropped to the null content with probability
-``p_uncond``), and regresses the UNet on the noised latents; image batches run with the
-temporal layers off (under DDP tied into the graph with zero weight, and skipped when only
-temporal layers train: ``model/training/parallel.py``). Every sample draws its randomness
-from (seed, step, place in the global batch), so one device and many train alike.
-``model.editing`` samples edited videos from it.
+Built from plain config dicts (kept as hyper-parameters, so a checkpoint or a release file
+rebuilds the model without Hydra and without naming classes). A training step encodes frames,
+turns depth into structure at a random fidelity ``t_s``, takes the CLIP embedding of a random
+frame as content (dropped to the null content with probability ``p_uncond``), and regresses
+the UNet on the noised latents; image batches run with the temporal layers off (under DDP
+tied in with zero weight; skipped when only temporal layers train: ``parallel.py``). Samples
+draw randomness from (seed, step, place in the global batch), so one device and many train
+alike. ``model.editing`` samples edited videos from it.
 """
 
 from __future__ import annotations
