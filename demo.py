@@ -4,8 +4,9 @@ Runs ``infer.py`` on each bundled sample clip (``bundle/tiny_world/samples/``, r
 the world's test split, which training never saw): with the tiny Gen-1, two edits take their
 content from a reference image (a frame of another held-out clip) and one from a text prompt
 through the bundled prior; with the tiny SD single file (``bundle/tiny_sd/``), one mov2mov
-edit from a prompt, through exactly the path a real SD 1.5 file takes, and one prompt without
-and with the bundled tiny LoRA (``lora=[...]``). Writes the edited
+edit from a prompt, through exactly the path a real SD 1.5 file takes, the same edit with
+the bundled tiny depth ControlNet, and one prompt without and with the bundled tiny LoRA
+(``lora=[...]``). Writes the edited
 mp4s, side-by-side previews (input | depth | output), JSON sidecars and ``overview.png``
 (inputs left, edits right, frames 0, 5, 10, 15) under ``outputs/demo/``.
 
@@ -47,6 +48,17 @@ SD_EDITS = [
         "clip_a",
         "a red striped sphere on a purple checkered floor",
         ["strength=0.75"],
+    ),
+    (  # the same edit with the bundled depth ControlNet: the input's structure kept
+        "clip_a_sd_controlnet",
+        "clip_a",
+        "a red striped sphere on a purple checkered floor",
+        [
+            "strength=0.75",
+            "controlnet=[{file: bundle/tiny_sd/tiny_controlnet_depth.safetensors, hint: depth}]",
+            "midas.name=midas_tiny",
+            "midas.weights=bundle/tiny_world/midas_tiny.safetensors",
+        ],
     ),
     # the bundled LoRA (trained on 8 frames showing a pink sphere, captioned "a sks object"):
     # the same prompt without and with it

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from jobs.evaluation.modes import run
 from jobs.evaluation.settings import EvalError
-from jobs.overrides import EVAL_PATHS, quote_path_overrides
+from jobs.overrides import EVAL_PATHS, exit_on_override_error, quote_path_overrides
 from model.weights.checkpoint import CheckpointError
 
 
@@ -46,4 +46,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = quote_path_overrides(sys.argv, EVAL_PATHS)  # file names as typed in a shell
+    exit_on_override_error("eval.py", "eval", sys.argv[1:])  # a typo: one line, not Hydra's
     main()

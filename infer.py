@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from data.media import MediaError
 from jobs.editing.request import InferError
 from jobs.editing.run import run
-from jobs.overrides import INFER_PATHS, quote_path_overrides
+from jobs.overrides import INFER_PATHS, exit_on_override_error, quote_path_overrides
 from model.weights.checkpoint import CheckpointError
 
 
@@ -53,4 +53,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = quote_path_overrides(sys.argv, INFER_PATHS)  # file names as typed in a shell
+    exit_on_override_error("infer.py", "infer", sys.argv[1:])  # a typo: one line, not Hydra's
     main()

@@ -13,7 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from jobs.overrides import TRAIN_PATHS, quote_path_overrides
+from jobs.overrides import TRAIN_PATHS, exit_on_override_error, quote_path_overrides
 from jobs.training import config_error_line, fit, setup
 
 
@@ -32,4 +32,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = quote_path_overrides(sys.argv, TRAIN_PATHS)  # file names as typed in a shell
+    exit_on_override_error("train.py", "train", sys.argv[1:])  # a typo: one line, not Hydra's
     main()

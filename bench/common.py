@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -149,6 +150,18 @@ def print_table(rows: list[dict], columns: Sequence[str]) -> None:
     print("  ".join("-" * w for w in widths))
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def machine_line(threads: Sequence[int] | None = None) -> str:
+    """The machine a table's figures come from: CPU model, ISA, threads, PyTorch, load."""
+    from model.weights.calibration import cpu_model
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{cpu_model()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"threads {list(threads) if threads else torch.get_num_threads()}, "
+        f"PyTorch {torch.__version__}; load average {load}"
+    )
 
 
 def devices() -> list[str]:

@@ -11,6 +11,11 @@ to 3L, within 10%).
 
 Each length runs ``repeats`` times in fresh processes (interleaved); the table shows the least
 peak memory and the best time seen, on the CPU with one thread.
+
+    python bench/infer.py --profile [--cold] [--cases bundled sd15] [--frames 8] [--threads N]
+
+prints instead where an edit's time goes, in seconds per frame: media decode, CLIP, MiDaS,
+VAE encode, the UNet per step, VAE decode, encode/mux (``bench/edit_profile.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import edit_profile  # noqa: E402
 from bench.common import devices, peak_memory_mib, print_table, run_worker, time_call  # noqa: E402
 from model.editing.pipeline import edit_video
 from model.editing.settings import EditSettings
@@ -81,8 +87,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--iters", type=int, default=2, help="timed edits per process")
     parser.add_argument("--repeats", type=int, default=2, help="fresh processes per length")
-    parser.add_argument("--worker", nargs=5)
+    parser.add_argument("--profile", action="store_true", help="where an edit's time goes")
+    parser.add_argument("--cold", action="store_true", help="--profile: a fresh prepack cache")
+    parser.add_argument("--cases", nargs="+", default=list(edit_profile.CASES))
+    parser.add_argument("--frames", type=int, default=8, help="--profile: frames of the sd15 case")
+    parser.add_argument("--threads", type=int, default=0, help="--profile: 0 the default")
+    parser.add_argument("--worker", nargs="+")
     args = parser.parse_args()
+    if args.worker and args.worker[0] == "profile":
+        _, case, cold, frames, threads = args.worker
+        print(json.dumps(edit_profile.worker(case, cold == "1", int(frames), int(threads))))
+        return
+    if args.profile:
+        edit_profile.profile(args.cold, args.cases, args.frames, args.threads)
+        return
     if args.worker:
         device, frames, window, steps, iters = args.worker
         print(json.dumps(worker(device, int(frames), int(window), int(steps), int(iters))))

@@ -26,20 +26,21 @@ OPTIONAL_TENSORS = ("depth", "flow", "latent_mean", "latent_logvar", "content")
 
 def collate_samples(samples: list[dict]) -> dict:
     """Stack samples into a batch: ``frames`` (B, F, 3, H, W), ``is_video`` (B,) bool,
-    ``caption`` and ``key`` lists, and the ``OPTIONAL_TENSORS`` every sample has."""
-    shapes = {tuple(s["frames"].shape) for s in samples}
+    ``caption`` and ``key`` lists, and the ``OPTIONAL_TENSORS`` every sample has. Samples of
+    encoded shards may come without frames (their latents say the shape)."""
+    shaped = "frames" if "frames" in samples[0] else "latent_mean"
+    shapes = {tuple(s[shaped].shape) if shaped in s else None for s in samples}
     if len(shapes) > 1:
         raise ValueError(
-            f"cannot batch frames of shapes {sorted(shapes)} (keys {[s['key'] for s in samples]});"
-            " batches must be all clips or all images of one size"
+            f"cannot batch {shaped} of shapes {sorted(map(str, shapes))} (keys "
+            f"{[s['key'] for s in samples]}); batches must be all clips or all images of one size"
         )
     batch = {
-        "frames": torch.stack([s["frames"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "is_video": torch.tensor([bool(s["is_video"]) for s in samples]),
         "key": [s["key"] for s in samples],
     }
-    for name in OPTIONAL_TENSORS:
+    for name in ("frames", *OPTIONAL_TENSORS):
         present = [name in s for s in samples]
         if all(present):
             batch[name] = torch.stack([s[name] for s in samples])
@@ -275,7 +276,7 @@ class SkippedFilesReport(pl.Callback):
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool) -> None:
         datamodule = trainer.datamodule
-        if not isinstance(datamodule, VideoDataModule):
+        if not hasattr(datamodule, "skipped_files"):
             return
         skipped = datamodule.skipped_files()
         new = {path: reason for path, reason in skipped.items() if path not in self.reported}

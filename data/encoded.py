@@ -50,6 +50,24 @@ def cache_key(source: dict, vae: dict, vae_weights: str | None, clip: dict, dept
     return digest(described)
 
 
+def build_encoders(vae: dict, vae_weights: str | None, clip: dict, depth: dict | None = None):
+    """The frozen ``(VAE, CLIP, MiDaS or None)`` of a Gen-1 model config, in eval mode."""
+    from model.nets.autoencoder import AutoencoderKL
+    from model.training.gen1 import build_content_encoder, build_depth
+    from model.weights.checkpoint import load_sd_vae
+
+    autoencoder = AutoencoderKL(**{k: v for k, v in vae.items() if k != "_target_"})
+    if vae_weights:
+        load_sd_vae(autoencoder, vae_weights)
+    else:
+        log.warning("no VAE weights given: the encoded latents are a random VAE's")
+    depth_estimator = build_depth(depth)
+    if depth_estimator is not None:
+        depth_estimator.eval().requires_grad_(False)
+    content_encoder = build_content_encoder(clip).eval().requires_grad_(False)
+    return autoencoder.eval().requires_grad_(False), content_encoder, depth_estimator
+
+
 @torch.no_grad()
 def encode_dataset(
     dataset: Dataset,
@@ -61,18 +79,7 @@ def encode_dataset(
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """The cached tensors of every sample of ``dataset``, plus captions and keys."""
-    from model.nets.autoencoder import AutoencoderKL
-    from model.training.gen1 import build_content_encoder, build_depth
-    from model.weights.checkpoint import load_sd_vae
-
-    autoencoder = AutoencoderKL(**{k: v for k, v in vae.items() if k != "_target_"})
-    if vae_weights:
-        load_sd_vae(autoencoder, vae_weights)
-    else:
-        log.warning("no VAE weights given: the cache holds a random VAE's latents")
-    autoencoder.eval()
-    content_encoder = build_content_encoder(clip).eval()
-    depth_estimator = build_depth(depth)
+    autoencoder, content_encoder, depth_estimator = build_encoders(vae, vae_weights, clip, depth)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in TENSORS}
     captions, keys = [], []
     for index in tqdm(range(len(dataset)), desc="encoding clips", disable=not progress):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 
 from data.io import write_video
 from model.editing.pipeline import edit_video
@@ -58,6 +59,11 @@ class ValidationSamples(pl.Callback):
         if trainer.sanity_checking or self.batch is None or not trainer.is_global_zero:
             return
         if not isinstance(pl_module, Gen1):  # e.g. a tiny VAE trainer: nothing to edit
+            return
+        if isinstance(trainer.strategy, pl.strategies.FSDPStrategy):
+            # Sharded weights are whole only inside the module's forward, on every rank.
+            rank_zero_warn("trainer=fsdp: no validation sample videos (edit a release instead)")
+            self.batch = None
             return
         frames = self.batch["frames"][:1, : self.max_frames]
         depth = self.batch.get("depth")

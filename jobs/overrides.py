@@ -20,11 +20,14 @@ UNQUOTED = re.compile(r"[A-Za-z0-9_/\-+.%*@?|~]*")
 
 INFER_PATHS = ("input", "output", "checkpoint", "reference", "default_reference", "mask")
 INFER_PATHS += ("depth", "prior", "midas.weights", "sd.config", "hydra.run.dir")
-INFER_PATHS += ("prompt", "negative_prompt")  # free text, as any file name
+INFER_PATHS += ("hed", "prompt", "negative_prompt")  # free text, as any file name
 TRAIN_PATHS = ("data.root", "data.manifest", "data.image_root", "data.image_manifest")
 TRAIN_PATHS += ("data.cache_dir", "ckpt_path", "run_dir", "hydra.run.dir", "model.weights.vae")
 TRAIN_PATHS += ("model.weights.unet", "model.weights.sd_checkpoint", "model.clip.weights")
-TRAIN_PATHS += ("model.depth.weights",)
+TRAIN_PATHS += ("model.depth.weights", "data.videos", "data.images", "data.val", "data.url_format")
+SHARD_PATHS = ("videos.root", "videos.manifest", "images.root", "images.manifest", "output")
+SHARD_PATHS += ("model.weights.vae", "model.weights.sd_checkpoint", "model.clip.weights")
+SHARD_PATHS += ("model.depth.weights", "hydra.run.dir")
 EVAL_PATHS = ("checkpoint", "prior", "output_dir", "midas.weights", "hydra.run.dir", "prompt")
 
 
@@ -54,3 +57,55 @@ def _leave_alone(value: str) -> bool:
     if UNQUOTED.fullmatch(value):
         return True
     return value[:1] in ("'", '"', "[", "{")
+
+
+def override_error(config_dir: str, config_name: str, argv: Sequence[str]) -> str | None:
+    """One line saying why the overrides in ``argv`` do not compose with ``config_name``
+    (a mistyped key, with the nearest known keys; a value of the wrong type), or None when
+    they compose. Run before Hydra, whose own report of these is several lines."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith("hydra.")]
+    overrides += [a for a in argv if a.startswith("~")]
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except Exception as err:  # Hydra's and OmegaConf's errors alike: report the first line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        match = re.search(r"Key '([^']+)' is not in struct", reason) or re.search(
+            r"Could not override '([^']+)'", reason
+        )
+        if match:
+            key = match.group(1)
+            with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+                known = list(_flat_keys(OmegaConf.to_container(compose(config_name))))
+            near = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            return f"unknown key {key!r} (not in configs/{config_name}.yaml){hint}"
+        return reason
+    return None
+
+
+def _flat_keys(tree, prefix: str = ""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield f"{prefix}{key}"
+            yield from _flat_keys(value, f"{prefix}{key}.")
+
+
+def exit_on_override_error(script: str, config_name: str, argv: Sequence[str]) -> None:
+    """Exit with status 1 and one line ``SCRIPT: error: ...`` when ``argv``'s overrides do not
+    compose (see :func:`override_error`); multirun sweeps are left to Hydra."""
+    import sys
+    from pathlib import Path
+
+    if "-m" in argv or "--multirun" in argv:
+        return
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    problem = override_error(configs, config_name, argv)
+    if problem:
+        print(f"{script}: error: {problem}", file=sys.stderr)
+        sys.exit(1)

@@ -72,6 +72,15 @@ def check_config(cfg: DictConfig) -> None:
                 f"data.datamodule.image_ratio={datamodule.image_ratio} needs "
                 f"data.datamodule.{name} (images: data=images_and_videos data.image_root=DIR)"
             )
+        if "index" in dataset:  # shards: data.videos / data.images name their indexes
+            index = dataset.get("index")
+            key = "data.images" if name == "image_dataset" else "data.videos"
+            if index is None:
+                raise ConfigError(f"data.datamodule.{name} needs {key}=DIR/{key[5:]}.json "
+                                  "(an index written by shard.py)")  # fmt: skip
+            if "://" not in str(index) and not str(index).startswith(("pipe:", "file:")):
+                if not Path(index).is_file():
+                    raise ConfigError(f"{key}: {index} does not exist (write it with shard.py)")
         if "root" in dataset and "manifest" in dataset:
             root, manifest = dataset.get("root"), dataset.get("manifest")
             if (root is None) == (manifest is None):

@@ -3,7 +3,7 @@
 Packages, bottom to top (a package imports only those listed before it):
 
 - ``weights``: reading weight files safely, strict loading by key, the release format,
-  oneDNN-prepacked inference weights, atomic writes.
+  oneDNN-prepacked inference weights calibrated per machine, atomic writes.
 - ``diffusion``: noise schedule, noise, training loss, samplers, guidance, temporal windows.
 - ``nets``: the denoiser's networks: SD's UNet with temporal layers, its blocks, the VAE.
 - ``encoders``: what conditions the denoiser: MiDaS depth and the structure made from it,

@@ -8,6 +8,16 @@ import torch
 from data.io import write_video
 
 
+@pytest.fixture(scope="session", autouse=True)
+def calibration_cache(tmp_path_factory):
+    """Prepack calibrations (``model.weights.calibration``) go to a temporary cache directory,
+    never the user's (subprocesses inherit it)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("GEN1_CACHE_DIR", str(tmp_path_factory.mktemp("gen1-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def video_folder(tmp_path_factory) -> Path:
     """Two good 24-frame mp4s of moving gradients, a corrupt one and a zero-byte one."""

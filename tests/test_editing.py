@@ -229,12 +229,19 @@ def test_out_of_range_guidance_is_refused_and_steps_run_are_reported(gen1):
     assert run(gen1, frames, depth, steps=4).steps_run == 4
 
 
-def test_prepacked_cpu_edit_matches_the_plain_one(temporal_gen1):
+@pytest.mark.parametrize("prepack", ["auto", True])  # auto: the default
+def test_prepacked_cpu_edit_matches_the_plain_one(temporal_gen1, prepack, caplog):
     frames, depth = video(4)
-    packed = run(temporal_gen1, frames, depth).frames  # prepack is the default on the CPU
+    with caplog.at_level("INFO", logger="model.weights.calibration"):
+        packed = run(temporal_gen1, frames, depth, prepack=prepack).frames
     plain = run(temporal_gen1, frames, depth, prepack=False).frames
     torch.testing.assert_close(packed, plain, rtol=0, atol=1e-4)
     assert (plain[:, 1:] - plain[:, :1]).abs().amax() > 1e-2  # a real edit, not a constant
+    calibrated = [r.message for r in caplog.records if r.message.startswith("prepack=auto: UNet")]
+    assert len(calibrated) == (prepack == "auto")  # one line for the UNet, after its first call
+    assert EditSettings().prepack == "auto"
+    with pytest.raises(ValueError, match="prepack must be auto, true or false"):
+        check_settings(EditSettings(prepack="yes"))
 
 
 def test_settings_from_config_reads_flat_keys_and_the_window():

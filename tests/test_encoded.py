@@ -139,12 +139,12 @@ def test_noise_correlation_trains_clips_on_correlated_frame_noise(
     clips = dataset(model_config, tmp_path / "cache.safetensors")
     params = {k: v for k, v in model_config.items() if k != "_target_"}
     gen1 = Gen1(**{**params, "noise_correlation": 1.0})
-    gen1.loss(collate_samples([clips[0], clips[1]]), gen1.unet, torch.Generator().manual_seed(3))
+    gen1.loss(collate_samples([clips[0], clips[1]]), gen1.unet, torch.Generator().manual_seed(4))
     noise = seen[-1]
     assert noise is not None and noise.shape[1] > 1
     for sample in noise:  # each clip's frames correlate (c ~ U(0, 1), not 0 and not 1)
         corr = torch.corrcoef(sample.flatten(1))[0, 1:]
-        assert 0.2 < corr.mean() < 0.99  # seeded draws: c = 0.82 and 0.51 here
+        assert 0.2 < corr.mean() < 0.99  # seeded draws: 0.58 and 0.70 here
     images = dataset(model_config, tmp_path / "cache.safetensors", single_frames=True)
-    gen1.loss(collate_samples([images[0], images[1]]), gen1.unet, torch.Generator().manual_seed(3))
-    assert seen[-1] is None  # one frame: nothing to correlate, the loss draws its own noise
+    gen1.loss(collate_samples([images[0], images[1]]), gen1.unet, torch.Generator().manual_seed(4))
+    assert seen[-1].shape[1] == 1  # one frame: nothing to correlate, plain Gaussian noise

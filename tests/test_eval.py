@@ -149,6 +149,10 @@ def test_prompts_compares_the_prior_with_the_raw_text_embedding(release, tmp_pat
         (["content=prompt", "prompt=null"], "content=prompt needs prompt"),
         (["num_frames=1"], "num_frames must be in [2"),
         (["steps=0"], "steps must be >= 1"),
+        (["mode=methods", "methods.image=[gen1]"], "gen1 runs on its own"),
+        (["mode=methods", "methods.strength=1"], "prev_frame starts each frame's"),
+        (["mode=methods", "methods.image=[cross_frame+prev_frame]"], "sampled together"),
+        (["mode=methods", "methods.sd_checkpoint=none.safetensors"], "sd_checkpoint not found"),
     ],
 )
 def test_bad_settings_are_one_line_and_status_1(release, tmp_path, capsys, overrides, message):
@@ -168,3 +172,20 @@ def test_a_model_without_depth_needs_a_midas(release, tmp_path, capsys):
     write_release(config_no_depth, state, path)
     assert eval_cli.cli(config(f"checkpoint={path}", *FAST)) == 1
     assert "has no depth model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_methods_mode_scores_every_method_on_both_models(tmp_path):
+    """mode=methods on the bundled tiny SD and tiny world model: every (model, method) row at
+    both speeds, the table, the CSV and the plot (about a minute on one thread)."""
+    out = tmp_path / "methods"
+    cfg = config(f"output_dir={out}", "mode=methods", "methods.num_clips=1", "num_frames=3",
+                 "methods.steps=2", "progress=false")  # fmt: skip
+    outcome = modes.run(cfg)
+    names = ["methods.csv", "methods.json", "methods.md", "methods.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert set(outcome["mean"]) == {"1", "2"}
+    rows = outcome["mean"]["2"]
+    assert len(rows) == 2 * 6 + 1 and "Gen-1 tiny / gen1" in rows
+    assert all(finite_scores(s) for s in rows.values())
+    assert (out / "methods.csv").read_text().count("\n") == 1 + 2 * len(rows)

@@ -421,6 +421,25 @@ def test_it_says_what_is_about_to_happen(files, tmp_path, caplog):
     )
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("precision=bf16", "has no native bf16 (AVX512-BF16 or AMX)"),
+        ("prepack=maybe", "prepack must be auto, true or false"),
+    ],
+)
+def test_cpu_fast_path_settings_are_refused_in_one_line(
+    override, message, files, tmp_path, monkeypatch, capfd
+):
+    monkeypatch.setattr("jobs.editing.request.native_bf16", lambda: False)  # as on AVX2
+    out = tmp_path / "out" / "edited.mp4"
+    args = [f"input={files / 'clip.mp4'}", f"output={out}", f"checkpoint={files / 'tiny.ckpt'}"]
+    assert infer.cli(config(*args, "reference_frame=0", "device=cpu", override, *FAST)) == 1
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("infer.py: error:") and message in lines[0]
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
 TINY_SD = ROOT / "bundle" / "tiny_sd" / "tiny_sd.safetensors"
 
 

@@ -15,7 +15,7 @@ from tests.sd_layout import ROOT
 MODEL_LAYERS = ["weights", "diffusion", "nets", "encoders", "metrics", "sd", "editing", "training"]
 SIBLINGS = {("editing", "training"), ("training", "editing")}  # neither imports the other
 SOURCE_DIRS = ("model", "data", "jobs")
-ENTRY_POINTS = ("train.py", "infer.py", "eval.py", "release.py", "demo.py")
+ENTRY_POINTS = ("train.py", "infer.py", "eval.py", "release.py", "demo.py", "shard.py")
 MAX_LINES = 400
 
 

@@ -3,6 +3,9 @@ exactly, whatever characters Hydra's grammar reserves."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -39,3 +42,21 @@ def test_values_reach_the_config_exactly(value):
 def test_other_keys_and_hydra_syntax_are_left_alone():
     argv = ["steps=3", "'prompt=\"quoted\"'", "input=[a,b]", "w=7.5", 'prompt="x y"']
     assert quote_path_overrides(argv, INFER_PATHS) == argv
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        (
+            "infer.py",
+            ["samplr=ddim"],
+            "infer.py: error: unknown key 'samplr' (not in configs/infer.yaml); did you mean",
+        ),
+        ("infer.py", ["steps=abc"], "infer.py: error: steps must be a whole number, got 'abc'"),
+        ("train.py", ["trainer.max_stepz=3"], "train.py: error: unknown key 'trainer.max_stepz'"),
+    ],
+)
+def test_a_mistyped_key_or_value_is_one_line(script, args, message):
+    done = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message)

@@ -57,7 +57,8 @@ def load_model(cfg: DictConfig, inputs: Inputs, device, dtype, kind: str):
     try:
         settings = edit_settings(cfg)
         check_settings(settings, temporal_frame_limit(model.sampling_unet()))
-        resolve_method(model, settings.method)
+        method = resolve_method(model, settings.method)
+        method.check(settings, len(inputs.indices), inputs.mask is not None)
     except ValueError as err:
         raise InferError(str(err)) from err
     return model, estimator

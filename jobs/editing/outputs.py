@@ -70,6 +70,7 @@ def describe(
         "output": str(Path(cfg.output).resolve()),
         "checkpoint": checkpoint,
         "method": result.method,
+        "method_settings": result.method_settings,  # the method's own (model.editing.methods)
         "seed": seed,
         "settings": OmegaConf.to_container(cfg, resolve=True),
         "edit": asdict(edit_settings(cfg)),

@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from data.media import (
     SourceVideo,
 )
-from model.editing.methods import method_names
+from model.editing.methods import get_method, method_names
+from model.editing.precision import native_bf16
 from model.editing.settings import (
     EditSettings,
     settings_from_config,
@@ -119,8 +120,14 @@ def check_request(cfg: DictConfig, kind: str) -> None:
                 f"{key}=... is required (python infer.py input=IN.mp4 output=OUT.mp4 "
                 "checkpoint=FILE reference=IMAGE)"
             )
-    if cfg.method is not None and cfg.method not in method_names():
-        raise InferError(f"unknown method {cfg.method!r}; known: {', '.join(method_names())}")
+    if cfg.method is not None:
+        unknown = [m for m in str(cfg.method).split("+") if m.strip() not in method_names()]
+        if unknown:
+            raise InferError(f"unknown method {unknown[0]!r}; known: {', '.join(method_names())}")
+        try:
+            get_method(str(cfg.method)).check(edit_settings(cfg), None, cfg.mask is not None)
+        except ValueError as err:
+            raise InferError(str(err)) from err
     if kind == "sd":
         check_text_request(cfg)
     else:
@@ -203,4 +210,10 @@ def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype | None]
     precision = cfg.precision
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not native_bf16():
+        raise InferError(
+            f"precision=bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
+            "native bf16 (AVX512-BF16 or AMX) and emulates it, many times slower than fp32: "
+            "use precision=fp32"
+        )
     return device, DTYPES[precision]

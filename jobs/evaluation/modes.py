@@ -1,6 +1,7 @@
 """eval.py's modes: ``compare`` (the video model against frame-by-frame editing, each from
-independent or shared noise), ``sweep`` (``w_t`` and ``t_s``) and ``prompts`` (text through the
-prior against the raw CLIP text embedding); ``run`` does one and writes its files."""
+independent or shared noise), ``sweep`` (``w_t`` and ``t_s``), ``prompts`` (text through the
+prior against the raw CLIP text embedding) and ``methods`` (every editing method,
+``jobs.evaluation.methods``); ``run`` does one and writes its files."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from data.captions import world_pairs
 from jobs.evaluation.clips import WorldClip, prompt_of, world_clips
+from jobs.evaluation.methods import run_methods
 from jobs.evaluation.reports import (
     INPUT_ROW,
     clip_record,
@@ -145,14 +147,17 @@ def run(cfg: DictConfig) -> dict:
     clips = list(world_clips(cfg))
     try:
         modes = {"compare": run_compare, "sweep": run_sweep, "prompts": run_prompts}
+        modes["methods"] = run_methods
         result = modes[cfg.mode](cfg, gen1, estimator, clips)
     except ValueError as err:  # settings the model cannot take (e.g. a size the VAE cannot)
         raise EvalError(str(err)) from err
     figures = result.pop("figures", {})
+    texts = result.pop("texts", {})
     out = Path(cfg.output_dir)
     report = {**describe(cfg, time.perf_counter() - started), **result}
     files = {out / f"{cfg.mode}.json": json.dumps(report, indent=2) + "\n"}
     files[out / f"{cfg.mode}.md"] = f"# eval.py mode={cfg.mode}\n\n{result['table']}"
+    files.update({out / name: text for name, text in texts.items()})
     for path, text in files.items():
         write_text(path, text)
     for name, figure in figures.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from model.editing.methods import get_method
 from model.editing.settings import (
     EditSettings,
     check_settings,
@@ -27,7 +28,7 @@ class EvalError(Exception):
 def check_config(cfg: DictConfig) -> None:
     """Every choice and count in range, before anything is loaded."""
     choices = {
-        "mode": ("compare", "sweep", "prompts"),
+        "mode": ("compare", "sweep", "prompts", "methods"),
         "reference": ("other_clip", "own_clip"),
         "content": ("image", "prompt"),
         "structure": ("auto", "midas", "exact"),
@@ -44,9 +45,11 @@ def check_config(cfg: DictConfig) -> None:
         raise EvalError(f"reference_frame must be in [0, num_frames), got {cfg.reference_frame}")
     if (cfg.content == "prompt" or cfg.mode == "prompts") and not cfg.prompt:
         raise EvalError("content=prompt needs prompt=TEXT (or prompt=caption)")
-    if cfg.mode == "prompts" and not Path(str(cfg.prior)).is_file():
+    if cfg.mode == "methods":
+        check_methods(cfg)
+    if cfg.mode in ("prompts", "methods") and not Path(str(cfg.prior)).is_file():
         raise EvalError(
-            f"mode=prompts needs prior=FILE (a prior file: release.py --component prior); "
+            f"mode={cfg.mode} needs prior=FILE (a prior file: release.py --component prior); "
             f"not found: {cfg.prior}"
         )
     if cfg.mode == "sweep" and not (cfg.sweep.w_t and cfg.sweep.t_s):
@@ -58,6 +61,26 @@ def check_config(cfg: DictConfig) -> None:
             check_settings(edit_settings(cfg, cfg.w_t, t_s))
     except ValueError as err:
         raise EvalError(str(err)) from err
+
+
+def check_methods(cfg: DictConfig) -> None:
+    """``mode=methods``: the SD file, the methods, the speeds and the settings they take."""
+    if not Path(str(cfg.methods.sd_checkpoint)).is_file():
+        raise EvalError(f"methods.sd_checkpoint not found: {cfg.methods.sd_checkpoint}")
+    if cfg.methods.num_clips < 1:
+        raise EvalError(f"methods.num_clips must be >= 1, got {cfg.methods.num_clips}")
+    if not cfg.methods.speeds or any(s <= 0 for s in cfg.methods.speeds):
+        raise EvalError(f"methods.speeds must list positive speeds, got {cfg.methods.speeds}")
+    run = {"strength": cfg.methods.strength, "steps": cfg.methods.steps}
+    for method in cfg.methods.image:
+        if "gen1" in str(method).split("+"):
+            raise EvalError("methods.image lists image-model methods; gen1 runs on its own")
+        try:
+            settings = edit_settings(cfg, cfg.w_t, cfg.t_s, method=method, **run)
+            check_settings(settings)
+            get_method(method).check(settings, cfg.num_frames, False)
+        except ValueError as err:
+            raise EvalError(f"methods.image: {err}") from err
 
 
 def edit_settings(cfg: DictConfig, w_t: float, t_s: int, **overrides) -> EditSettings:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.diffusion.guidance import sample, sdedit_steps
+from model.diffusion.guidance import sdedit_steps
 from model.diffusion.samplers import get_sigmas, resolve_sampler, sampler_kwargs
 from model.diffusion.windows import window_slices
-from model.editing.methods import resolve_method
+from model.editing.methods import SamplingRun, resolve_method
 from model.editing.precision import autocast, inference_weights
 from model.editing.settings import EditSettings, check_settings, temporal_frame_limit
 from model.encoders.structure import normalize_clip
@@ -38,6 +38,7 @@ class EditResult:
     window_calls: int = 0  # denoiser calls on windows, over all steps
     steps_run: int = 0  # sampler steps actually run (fewer than ``steps`` when strength < 1)
     method: str = ""  # the editing method that ran (``model.editing.methods``)
+    method_settings: dict = field(default_factory=dict)  # its own settings, for the sidecar
 
 
 def check_control(model, control: Control | None, video_shape: torch.Size) -> None:
@@ -141,6 +142,7 @@ def edit_video(
     check_settings(settings, temporal_frame_limit(unet))
     device = next(unet.parameters()).device
     batch, num_frames, _, height, width = frames.shape
+    method.check(settings, num_frames, mask is not None)
     factor = model.vae.downsample_factor
     if height % factor or width % factor:
         raise ValueError(f"frame size {height}x{width} is not a multiple of the VAE's {factor}")
@@ -181,7 +183,7 @@ def edit_video(
         needs_source = settings.strength < 1.0 or mask is not None
         if needs_source and settings.source_latents == "sample":  # drawn first, as diffusers
             source = encode_frames(model.vae, frames, settings.chunk_size, device, generator)
-        noise = method.noise(shape, settings, generator).to(device)
+        noise = method.noise(shape, settings, generator, frames.float().cpu()).to(device)
         if needs_source and source is None:
             source = encode_frames(model.vae, frames, settings.chunk_size, device)
         if mask is not None:
@@ -191,7 +193,7 @@ def edit_video(
         step_noise = method.step_noise(shape, generator, device)
         if step_noise is not None and "generator" in step_kwargs:  # a stochastic sampler
             step_kwargs["noise_sampler"] = step_noise
-        latents = sample(
+        sampling = SamplingRun(
             sampler,
             denoiser,
             noise,
@@ -200,9 +202,13 @@ def edit_video(
             strength=settings.strength,
             mask=small_mask,
             extra_args={"cond": cond, "uncond": uncond},
+            sampler_kwargs=step_kwargs,
+            frames=frames.float().cpu(),
+            factor=factor,
+            settings=settings,
             disable=not progress,
-            **step_kwargs,
         )
+        latents = method.render(sampling)  # one sampling run, or one per frame (the method's)
         if sigmas[-1] > 0:  # latents at the last sigma, back to the model's DDPM space
             latents = latents / (1 + sigmas[-1] ** 2).sqrt()
         out = decode_latents(model.vae, latents, settings.chunk_size, progress)
@@ -217,4 +223,5 @@ def edit_video(
         window_calls=denoiser.windows_seen,
         steps_run=sdedit_steps(settings.steps, settings.strength),
         method=method.name,
+        method_settings=method.describe(settings),
     )

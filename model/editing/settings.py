@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -34,7 +34,9 @@ class EditSettings:
     window_overlap: int = 2
     chunk_size: int = 8  # frames per VAE / depth call
     keep_unmasked_pixels: bool = True  # paste source pixels outside the mask after decoding
-    prepack: bool = True  # fp32 on the CPU: weights prepacked for oneDNN (model.weights.prepack)
+    # fp32 on the CPU, weights prepacked for oneDNN (model.weights.prepack): "auto" where each
+    # layer is measured faster so (model.weights.calibration), True every layer, False none
+    prepack: bool | str = "auto"
     # False: the last step lands on timestep 0's noise level (alphas_cumprod[0]) instead of
     # on clean latents, as SD's own DDIM configs do (diffusers' set_alpha_to_one=False, ldm's
     # DDIMSampler); only to reproduce those exactly.
@@ -45,18 +47,42 @@ class EditSettings:
     # reproduce their images exactly).
     source_latents: str = "mean"
     method: str | None = None  # how frames are made consistent (None: the model's default)
+    # Method settings (model.editing.methods; infer.yaml's cross_frame.*, prev_frame.*,
+    # multi_frame.* keys): cross_frame's anchor frames (first | first_previous | self | a list
+    # of keyframe indices), prev_frame's warp of the previous output by the input's motion,
+    # multi_frame's canvas layout, left to right.
+    anchors: str | tuple[int, ...] = "first"
+    warp: bool = True
+    canvas: tuple[str, ...] = ("previous", "current", "first")
+
+
+# EditSettings fields read from a nested config key (``window.length`` ...).
+NESTED_KEYS = {
+    "window_length": ("window", "length"),
+    "window_overlap": ("window", "overlap"),
+    "anchors": ("cross_frame", "anchors"),
+    "warp": ("prev_frame", "warp"),
+    "canvas": ("multi_frame", "canvas"),
+}
+
+
+def _plain(value):
+    """A config list (OmegaConf's ListConfig, a list) as a tuple; anything else as it is."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(value)
+    return value
 
 
 def settings_from_config(config: Mapping, **overrides) -> EditSettings:
     """The :class:`EditSettings` of an ``infer.py`` / ``eval.py`` config: its keys named as the
-    fields, ``window.length`` / ``window.overlap``, then ``overrides``; absent keys keep the
-    defaults."""
+    fields, the nested keys of ``NESTED_KEYS`` (``window.length``, ``cross_frame.anchors``
+    ...), then ``overrides``; absent keys keep the defaults."""
     values = {f.name: config[f.name] for f in fields(EditSettings) if f.name in config}
-    window = config.get("window") or {}
-    for key in ("length", "overlap"):
-        if key in window:
-            values[f"window_{key}"] = window[key]
-    return EditSettings(**{**values, **overrides})
+    for name, (group, key) in NESTED_KEYS.items():
+        if key in (config.get(group) or {}):
+            values[name] = config[group][key]
+    values = {k: _plain(v) for k, v in {**values, **overrides}.items()}
+    return EditSettings(**values)
 
 
 def temporal_frame_limit(unet: torch.nn.Module) -> int | None:
@@ -66,9 +92,17 @@ def temporal_frame_limit(unet: torch.nn.Module) -> int | None:
 
 
 def check_settings(settings: EditSettings, max_frames: int | None = None) -> None:
-    """Raise ValueError naming the first setting that is out of range."""
+    """Raise ValueError naming the first setting that is of the wrong type or out of range."""
+    for name in ("steps", "t_s", "window_length", "window_overlap", "chunk_size"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+    for name in ("w", "w_t", "strength", "noise_correlation", "eta"):
+        value = getattr(settings, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
     if settings.method is not None:
-        get_method(settings.method)
+        get_method(settings.method).check(settings, None, False)
     if settings.steps < 1:
         raise ValueError(f"steps must be >= 1, got {settings.steps}")
     if settings.t_s < 0:
@@ -86,6 +120,8 @@ def check_settings(settings: EditSettings, max_frames: int | None = None) -> Non
         raise ValueError(f"strength must be in [0, 1], got {settings.strength}")
     if not 0.0 <= settings.noise_correlation <= 1.0:
         raise ValueError(f"noise_correlation must be in [0, 1], got {settings.noise_correlation}")
+    if settings.prepack not in ("auto", True, False):
+        raise ValueError(f"prepack must be auto, true or false, got {settings.prepack!r}")
     if settings.source_latents not in ("mean", "sample"):
         raise ValueError(f"source_latents must be mean or sample, got {settings.source_latents!r}")
     if settings.chunk_size < 1:

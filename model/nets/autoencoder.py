@@ -252,15 +252,23 @@ class AutoencoderKL(nn.Module):
         mean: torch.Tensor,
         logvar: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scaled latents from posterior moments: the mean, or a draw when ``logvar`` is given
-        (for moments computed earlier, as a cache of encoded clips stores them)."""
+        (for moments computed earlier, as a cache of encoded clips stores them), with the
+        standard normal ``noise`` given or drawn from ``generator``."""
         if logvar is not None:
-            where = generator.device if generator is not None else mean.device
-            noise = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype)
-            noise = noise.to(mean.device)  # a CPU generator draws the same on any device
-            mean = mean + torch.exp(0.5 * logvar) * noise
+            if noise is None:
+                where = generator.device if generator is not None else mean.device
+                noise = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype)
+            # a CPU generator draws the same on any device
+            mean = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
         return mean * self.scale_factor
+
+    def video_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled posterior moments of images or videos (as ``encode`` takes), chunked."""
+        both = self._chunked(lambda images: torch.cat(self.moments(images), dim=-3), x)
+        return both.chunk(2, dim=-3)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Pixels in about [-1, 1] of scaled latents (images or videos, as ``encode`` gives)."""

@@ -98,7 +98,7 @@ class StableDiffusion(nn.Module):
     is its default).
     """
 
-    methods = ("mov2mov",)
+    methods = ("mov2mov", "cross_frame", "motion_noise", "multi_frame", "prev_frame")
     takes_control = True  # ControlNet units (``model.sd.control``) act on its UNet
 
     def __init__(

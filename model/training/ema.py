@@ -38,8 +38,19 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Move every floating-point parameter and buffer toward ``model``'s."""
-        ours = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        theirs = [t for t in model.state_dict().values() if t.is_floating_point()]
+        """Move every floating-point parameter and buffer toward ``model``'s.
+
+        Parameters are read as the module holds them, never through ``state_dict`` (which
+        under FSDP gathers every shard): a copy sharded like ``model`` (``model/training/
+        parallel.py``) updates its local shard from ``model``'s.
+        """
+        ours, theirs = _floating(self.model), _floating(model)
+        if [t.shape for t in ours] != [t.shape for t in theirs]:
+            raise ValueError("the EMA copy and the model hold different parameters or shards")
         torch._foreach_lerp_(ours, theirs, 1.0 - self.current_decay())
         self.num_updates += 1
+
+
+def _floating(module: nn.Module) -> list[torch.Tensor]:
+    """A module's floating-point parameters and buffers, in registration order."""
+    return [t.data for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]

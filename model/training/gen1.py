@@ -1,11 +1,13 @@
 """The Gen-1 LightningModule: frozen VAE, depth and CLIP around a trainable video UNet.
 
-Built from plain config dicts (kept as hyper-parameters, so a checkpoint or a release
-file rebuilds the model without Hydra and without naming classes). A training step
-encodes frames, turns depth into structure at a random fidelity ``t_s``, takes the CLIP
-embedding of a random frame as content (dropped to the null content with probability
-``p_uncond``), and regresses the UNet on the noised latents; image batches run with the
-temporal layers off. ``model.editing`` samples edited videos from it.
+Built from plain config dicts (kept as hyper-parameters, so a checkpoint or a release file
+rebuilds the model without Hydra and without naming classes). A training step encodes frames,
+turns depth into structure at a random fidelity ``t_s``, takes the CLIP embedding of a random
+frame as content (dropped to the null content with probability ``p_uncond``), and regresses
+the UNet on the noised latents; image batches run with the temporal layers off (under DDP
+tied in with zero weight; skipped when only temporal layers train: ``parallel.py``). Samples
+draw randomness from (seed, step, place in the global batch), so one device and many train
+alike. ``model.editing`` samples edited videos from it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from model.diffusion.loss import training_loss
-from model.diffusion.noise import correlate_frames, sample_noise
+from model.diffusion.noise import SampleDraws, correlate_frames, sample_seed
 from model.diffusion.schedule import DiscreteSchedule
 from model.encoders.clip import build_clip, load_clip
 from model.encoders.depth import DepthEstimator, build_midas, load_midas
@@ -27,6 +29,7 @@ from model.encoders.structure import clip_structure
 from model.nets.autoencoder import AutoencoderKL
 from model.nets.unet import UNet
 from model.training.ema import EMA
+from model.training.parallel import clip_fsdp, drop_tied_gradients, skipped_loss, tie
 from model.weights.checkpoint import (
     NEW_UNET_KEYS,
     LoadReport,
@@ -43,6 +46,8 @@ from model.weights.release import (
 )
 
 log = logging.getLogger(__name__)
+SKIPPED_IMAGES = ("model.trainable=%s: image batches train nothing and are skipped "
+                  "(data.datamodule.image_ratio=0 does not load them)")  # fmt: skip
 
 TRAINABLE = ("all", "temporal", "temporal_and_input")
 
@@ -76,6 +81,11 @@ def build_content_encoder(cfg: dict):
     return build_clip(cfg["model"])
 
 
+def batch_size(batch: dict[str, Any]) -> int:
+    """The number of samples of a batch (with frames, or encoder outputs only)."""
+    return (batch["frames"] if "frames" in batch else batch["latent_mean"]).shape[0]
+
+
 def load_stage_unet(unet: UNet, path: str) -> LoadReport:
     """Start ``unet`` from an earlier training stage: the (EMA) UNet of a Gen-1 Lightning
     checkpoint or release file; temporal layers the file lacks (an image stage) keep their
@@ -94,10 +104,11 @@ class Gen1(pl.LightningModule):
     ``sampling`` holds editing defaults that travel with the checkpoint: ``resolution``,
     the longest frame side the model was trained at (``infer.py``'s default). It implements
     the editing pipeline's model interface (``model.editing.interface``) and runs the methods
-    in ``methods``: the video model (``gen1``, its default) and frame-by-frame ``mov2mov``.
+    in ``methods``: the video model (``gen1``, its default), frame-by-frame ``mov2mov`` and
+    the other training-free methods on its image model (temporal layers off).
     """
 
-    methods = ("gen1", "mov2mov")
+    methods = ("gen1", "mov2mov", "cross_frame", "motion_noise", "multi_frame", "prev_frame")
 
     def __init__(
         self,
@@ -149,6 +160,12 @@ class Gen1(pl.LightningModule):
             )
         self._set_trainable(trainable)
         self.ema = EMA(self.unet, ema_decay) if ema_decay is not None else None
+        temporal = {id(p) for p in self.unet.temporal_parameters()}
+        self._temporal_trainable = [p for p in self.unet.temporal_parameters() if p.requires_grad]
+        self._trains_images = any(
+            p.requires_grad and id(p) not in temporal for p in self.unet.parameters()
+        )
+        self._trained_video, self._trained_batches, self._warned_skip = False, 0, False
 
     # -- parts -----------------------------------------------------------------------------
 
@@ -254,84 +271,119 @@ class Gen1(pl.LightningModule):
 
     # -- training --------------------------------------------------------------------------
 
-    def step_generator(self, offset: int = 0) -> torch.Generator:
-        """The source of a step's randomness, a function of seed, rank and step alone.
+    def step_draws(self, batch_size: int, batch_idx: int = 0) -> SampleDraws:
+        """The randomness of a training step: sample j of this rank draws from (seed, step,
+        place), ``place = rank * batch_size + j`` its place in the global batch (ranks hold
+        consecutive slices of it, as the batch samplers deal them). Lightning does not
+        checkpoint RNG states; with this a resumed run draws what the unbroken one did, and
+        a global batch draws the same on one device or many."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        step = self.global_step * accumulate + batch_idx % accumulate
+        first = self.global_rank * batch_size
+        seeds = [sample_seed(self.hparams.seed, step, first + j) for j in range(batch_size)]
+        return SampleDraws(seeds, self.device)
 
-        Lightning does not checkpoint global RNG states; drawing from this instead makes a
-        resumed run continue exactly as the uninterrupted one would have.
-        """
-        seed = (self.hparams.seed * 1_000_003 + self.global_rank) * 1_000_003
-        return torch.Generator(self.device).manual_seed(seed + self.global_step + offset)
-
-    def conditioning(
-        self, batch: dict[str, Any], gen: torch.Generator
-    ) -> tuple[torch.Tensor, dict]:
+    def conditioning(self, batch: dict[str, Any], draws: SampleDraws) -> tuple[torch.Tensor, dict]:
         """Latents and the UNet's conditioning for a training batch (encoders frozen)."""
-        frames = batch["frames"]
-        b, f = frames.shape[:2]
-        device = frames.device
-        encoded = "latent_mean" in batch  # a cache of encoded clips (data.encoded)
+        encoded = "latent_mean" in batch  # encoder outputs computed earlier (data.encoded, shards)
+        frames = batch.get("frames")
+        b, f = (batch["latent_mean"] if encoded else frames).shape[:2]
+        device = (batch["latent_mean"] if encoded else frames).device
         with torch.no_grad():
             if encoded:
-                latents = self.vae.scaled_latents(
-                    batch["latent_mean"].flatten(0, 1), batch["latent_logvar"].flatten(0, 1), gen
-                ).unflatten(0, (b, f))
+                mean, logvar = batch["latent_mean"], batch["latent_logvar"]
             else:
-                latents = self.vae.encode(frames, sample=True, generator=gen)
-            t_s = torch.randint(0, self.hparams.t_s_max + 1, (b,), generator=gen, device=device)
+                mean, logvar = self.vae.video_moments(frames)
+            eps = draws.randn(*mean.shape[1:], dtype=mean.dtype).to(device)
+            latents = self.vae.scaled_latents(mean, logvar, noise=eps)
+            t_s = draws.randint(0, self.hparams.t_s_max + 1).to(device)
             structure = self.structure(frames, latents.shape[-2:], t_s, batch.get("depth"))
-            pick = torch.randint(0, f, (b,), generator=gen, device=device)
+            pick = draws.randint(0, f).to(device)
             rows = torch.arange(b, device=device)
             if encoded:
                 content = batch["content"][rows, pick][:, None]
             else:
                 content = self.encode_content(frames[rows, pick])
-            keep = torch.rand(b, generator=gen, device=device) >= self.hparams.p_uncond
+            keep = draws.rand().to(device) >= self.hparams.p_uncond
             content = content * keep[:, None, None].to(content.dtype)
         temporal = torch.as_tensor(batch.get("is_video", True), device=device).expand(b).clone()
         return latents, {"context": content, "structure": structure, "temporal": temporal}
 
-    def loss(self, batch: dict[str, Any], unet: nn.Module, gen: torch.Generator):
-        """The diffusion loss of a batch, all randomness drawn from ``gen``."""
-        latents, cond = self.conditioning(batch, gen)
-        noise, top = None, self.hparams.noise_correlation
+    def loss(self, batch: dict[str, Any], unet: nn.Module, draws: SampleDraws | torch.Generator):
+        """The diffusion loss of a batch, all randomness drawn from ``draws`` (per sample; a
+        generator seeds them), and whether the batch was all clips."""
+        if isinstance(draws, torch.Generator):
+            draws = SampleDraws.from_generator(draws, batch_size(batch))
+        latents, cond = self.conditioning(batch, draws)
+        t = draws.randint(0, self.schedule.num_timesteps)
+        noise = draws.randn(*latents.shape[1:], dtype=latents.dtype).to(latents.device)
+        if self.hparams.offset_noise:  # per sample and channel, shared by frames and pixels
+            offset = draws.randn(1, latents.shape[2], 1, 1, dtype=latents.dtype)
+            noise = noise + self.hparams.offset_noise * offset.to(latents.device)
+        top = self.hparams.noise_correlation
         if top > 0 and latents.shape[1] > 1:  # clips: frames' noise correlation c ~ U(0, top)
-            noise = sample_noise(latents, self.hparams.offset_noise, gen)
-            c = torch.rand(latents.shape[0], generator=gen, device=gen.device) * top
-            noise = correlate_frames(noise, c.to(noise.device), gen)
+            c = (draws.rand() * top).to(latents.device)
+            common = draws.randn(1, *latents.shape[2:], dtype=latents.dtype).to(latents.device)
+            noise = correlate_frames(noise, c, common=common)
         result = training_loss(
             self.model_fn(unet),
             latents,
             self.schedule,
             self.hparams.parameterization,
             cond,
+            t=t,
             noise=noise,
             min_snr_gamma=self.hparams.min_snr_gamma,
-            offset_noise=self.hparams.offset_noise,
-            generator=gen,
         )
         return result.loss, bool(cond["temporal"].all())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, video = self.loss(batch, self.unet, self.step_generator())
-        size = batch["frames"].shape[0]
+        size = batch_size(batch)
+        video = bool(torch.as_tensor(batch.get("is_video", True)).all())
+        if not video and not self._trains_images:  # skipped without running the UNet
+            if not self._warned_skip:
+                self._warned_skip = True
+                log.warning(SKIPPED_IMAGES, self.hparams.trainable)
+            return skipped_loss(self.device)
+        loss, video = self.loss(batch, self.unet, self.step_draws(size, batch_idx))
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log(f"train/loss_{'video' if video else 'image'}", loss, batch_size=size)
+        self._trained_video |= video
+        self._trained_batches += 1
+        if not video and isinstance(self.trainer.strategy, pl.strategies.DDPStrategy):
+            loss = tie(loss, self._temporal_trainable)  # DDP all-reduces every parameter
         return loss
+
+    def on_after_backward(self) -> None:
+        """After an image batch's backward (and DDP's all-reduce), its temporal layers have
+        zero gradients where one process has none: drop them, so AdamW skips those layers
+        as it does in one process (a zero gradient would still move them)."""
+        if not self._trained_video:
+            drop_tied_gradients(self._temporal_trainable)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimiser's step, then the EMA's: here rather than in ``on_train_batch_end``,
         which runs after the checkpoint callback, so a checkpoint saved mid-epoch held an EMA
         one update behind its weights and a resumed run's EMA drifted from the unbroken one's.
+        A step whose batches were all skipped moves neither.
         """
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        if self.ema is not None and self._trained_batches:
             self.ema.update(self.unet)
+        self._trained_video, self._trained_batches = False, 0
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clipping by norm over every shard under FSDP (Lightning's own refuses it)."""
+        if not clip_fsdp(self.trainer.strategy.model, gradient_clip_val):
+            clip = super().configure_gradient_clipping
+            clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         gen = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
         loss, _ = self.loss(batch, self.denoiser_model(use_ema=True), gen)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch_size(batch))
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]

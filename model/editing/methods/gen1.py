@@ -12,7 +12,7 @@ import torch
 from model.diffusion.guidance import Gen1Guidance
 from model.diffusion.noise import frame_noise
 from model.diffusion.windows import WindowedDenoiser
-from model.editing.methods.base import model_denoiser
+from model.editing.methods.base import SamplingRun, model_denoiser
 
 
 class Gen1Method:
@@ -20,9 +20,12 @@ class Gen1Method:
 
     name = "gen1"
     needs = "a Gen-1 model: a video UNet conditioned on a CLIP content embedding"
+    roles: frozenset[str] = frozenset({"noise", "denoiser"})
     frames_independent = False
 
-    def noise(self, shape: tuple[int, ...], settings: Any, generator) -> torch.Tensor:
+    def noise(
+        self, shape: tuple[int, ...], settings: Any, generator, frames: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return frame_noise(shape, settings.noise_correlation, generator)
 
     def denoiser(self, model: Any, settings: Any, progress: bool = False) -> WindowedDenoiser:
@@ -38,3 +41,14 @@ class Gen1Method:
 
     def step_noise(self, shape: tuple[int, ...], generator, device):
         return None  # the sampler's own draws: every frame its own noise
+
+    def check(self, settings: Any, num_frames: int | None, masked: bool) -> None:
+        """Nothing to refuse beyond the common settings."""
+
+    def render(self, run: SamplingRun) -> torch.Tensor:
+        """All frames in one sampling run."""
+        return run.sample()
+
+    def describe(self, settings: Any) -> dict:
+        """Its guidance and noise settings."""
+        return {"w_t": settings.w_t, "noise_correlation": settings.noise_correlation}

@@ -20,20 +20,24 @@ import torch
 
 from model.diffusion.guidance import ClassifierFreeGuidance
 from model.diffusion.windows import WindowedDenoiser
-from model.editing.methods.base import model_denoiser
+from model.editing.methods.base import SamplingRun, model_denoiser
 
 
 class Mov2Mov:
-    """``method=mov2mov``: the default (and so far only) method of an SD checkpoint."""
+    """``method=mov2mov``: the default method of an SD checkpoint, and the base the other
+    training-free methods (``model.editing.methods``) change one part of."""
 
     name = "mov2mov"
     needs = "an image model (any SD checkpoint, or a Gen-1 UNet with its temporal layers off)"
+    roles: frozenset[str] = frozenset()  # the base of every composition
     frames_independent = True
 
-    def noise(self, shape: tuple[int, ...], settings: Any, generator) -> torch.Tensor:
-        batch, frames, *rest = shape
+    def noise(
+        self, shape: tuple[int, ...], settings: Any, generator, frames: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        batch, count, *rest = shape
         shared = torch.randn((batch, 1, *rest), generator=generator)
-        return shared.expand(batch, frames, *rest).contiguous()
+        return shared.expand(batch, count, *rest).contiguous()
 
     def step_noise(self, shape: tuple[int, ...], generator, device):
         """Stochastic samplers' fresh noise, also one draw shared by every frame."""
@@ -49,3 +53,14 @@ class Mov2Mov:
 
     def cond_extra(self) -> dict:
         return {"temporal": False}  # a video UNet runs as the image model, frame by frame
+
+    def check(self, settings: Any, num_frames: int | None, masked: bool) -> None:
+        """Nothing to refuse beyond the common settings."""
+
+    def render(self, run: SamplingRun) -> torch.Tensor:
+        """All frames in one sampling run."""
+        return run.sample()
+
+    def describe(self, settings: Any) -> dict:
+        """No settings of its own."""
+        return {}
