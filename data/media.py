@@ -194,16 +194,31 @@ def read_mask(path, source: SourceVideo, indices: list[int], size) -> torch.Tens
     return (read_frames(video, indices, size).mean(dim=2, keepdim=True) + 1) / 2
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    """A numeric .npy array (no pickles); MediaError otherwise."""
+    try:
+        return np.load(existing(path), allow_pickle=False)
+    except ValueError as err:
+        raise MediaError(f"{path}: not a numeric .npy array ({err})") from err
+
+
+def _video_of_length(path: Path, source: SourceVideo, what: str) -> SourceVideo:
+    """A ``what`` video (depth, hint) that has the input's frame count; MediaError otherwise."""
+    video = probe_video(path, audio=False)
+    if video.num_frames != source.num_frames:
+        raise MediaError(
+            f"{what} {path} has {video.num_frames} frames; the input has {source.num_frames}"
+        )
+    return video
+
+
 def read_depth(path, source: SourceVideo, indices: list[int], size) -> torch.Tensor:
     """Depth ``(1, F, 1, H, W)`` from a .npy ``(frames, H, W)``, a grey video or a grey image
     (one depth map for every frame; 16-bit kept exact), near = bright, in [-1, 1] for
     images and videos."""
     path = Path(path)
     if path.suffix == ".npy":
-        try:
-            array = np.load(existing(path), allow_pickle=False)
-        except ValueError as err:
-            raise MediaError(f"{path}: not a numeric .npy array ({err})") from err
+        array = _load_npy(path)
         if array.ndim != 3 or array.shape[0] != source.num_frames:
             raise MediaError(
                 f"depth {path} has shape {array.shape}; expected ({source.num_frames}, H, W)"
@@ -214,11 +229,7 @@ def read_depth(path, source: SourceVideo, indices: list[int], size) -> torch.Ten
         levels = torch.from_numpy(read_image(path, "L", exact=True).copy())[None, None]
         depth = F.interpolate(levels * 2 - 1, size=tuple(size), mode="bilinear")
         return depth.expand(len(indices), -1, -1, -1)[None]
-    video = probe_video(path, audio=False)
-    if video.num_frames != source.num_frames:
-        raise MediaError(
-            f"depth {path} has {video.num_frames} frames; the input has {source.num_frames}"
-        )
+    video = _video_of_length(path, source, "depth")
     return read_frames(video, indices, size).mean(dim=2, keepdim=True)
 
 
@@ -228,10 +239,7 @@ def read_hint(path, source: SourceVideo, indices: list[int], size) -> torch.Tens
     ``(frames, H, W)`` or ``(frames, H, W, 3)`` values in [0, 1]."""
     path = Path(path)
     if path.suffix == ".npy":
-        try:
-            array = np.load(existing(path), allow_pickle=False)
-        except ValueError as err:
-            raise MediaError(f"{path}: not a numeric .npy array ({err})") from err
+        array = _load_npy(path)
         if array.ndim == 3:
             array = array[..., None].repeat(3, axis=-1)
         if array.ndim != 4 or array.shape[0] != source.num_frames or array.shape[-1] != 3:
@@ -245,9 +253,5 @@ def read_hint(path, source: SourceVideo, indices: list[int], size) -> torch.Tens
         image = torch.from_numpy(read_image(path).copy()).permute(2, 0, 1)[None].float() / 255
         hint = F.interpolate(image, size=tuple(size), mode="bilinear").clamp(0, 1)
         return hint.expand(len(indices), -1, -1, -1)[None]
-    video = probe_video(path, audio=False)
-    if video.num_frames != source.num_frames:
-        raise MediaError(
-            f"hint {path} has {video.num_frames} frames; the input has {source.num_frames}"
-        )
+    video = _video_of_length(path, source, "hint")
     return (read_frames(video, indices, size) + 1) / 2

@@ -100,25 +100,20 @@ def test_one_frame_controlnet_edit_is_diffusers_image(setup, case):
         ControlUnit(net, hint[:, None], scale, start, end)
         for net, hint, (scale, start, end) in zip(nets, hints, spec, strict=False)
     )
-    result = edit_video(
-        model,
-        frame[:, None] * 2 - 1,
-        model.encode_prompt(PROMPT, NEGATIVE),
-        EditSettings(
-            steps=steps, w=7.5, strength=strength, source_latents="sample", **OURS[sampler]
-        ),
-        generator=torch.Generator().manual_seed(seed),
-        control=Control(units),
-    )
-    ours = (result.frames[0] + 1) / 2
-    without = edit_video(
-        model,
-        frame[:, None] * 2 - 1,
-        model.encode_prompt(PROMPT, NEGATIVE),
-        EditSettings(
-            steps=steps, w=7.5, strength=strength, source_latents="sample", **OURS[sampler]
-        ),
-        generator=torch.Generator().manual_seed(seed),
-    )
+
+    def edit(control):
+        return edit_video(
+            model,
+            frame[:, None] * 2 - 1,
+            model.encode_prompt(PROMPT, NEGATIVE),
+            EditSettings(
+                steps=steps, w=7.5, strength=strength, source_latents="sample", **OURS[sampler]
+            ),
+            generator=torch.Generator().manual_seed(seed),
+            control=control,
+        )
+
+    ours = (edit(Control(units)).frames[0] + 1) / 2
+    without = edit(None)
     assert (ours - (without.frames[0] + 1) / 2).abs().max() > 0.01  # the units acted
     torch.testing.assert_close(ours, theirs, atol=5e-5, rtol=0)

@@ -136,6 +136,11 @@ def control_units(cfg: DictConfig, model, inputs, estimator, device, dtype=None)
             net = load_controlnet(unit["file"], model.config.unet).to(device)
         except (CheckpointError, FileNotFoundError) as err:
             raise InferError(str(err)) from err
+        if net.hint_factor != model.vae.downsample_factor:
+            raise InferError(
+                f"{unit['file']}: its hint embedding downsamples by {net.hint_factor}, the "
+                f"checkpoint's VAE by {model.vae.downsample_factor}"
+            )
         if dtype is not None:
             cast_for_inference(net, dtype)
         if kind in HINTS:
@@ -145,11 +150,6 @@ def control_units(cfg: DictConfig, model, inputs, estimator, device, dtype=None)
             hint = made[key]
         else:
             hint = inputs.hints[i]
-        if net.hint_factor != model.vae.downsample_factor:
-            raise InferError(
-                f"{unit['file']}: its hint embedding downsamples by {net.hint_factor}, the "
-                f"checkpoint's VAE by {model.vae.downsample_factor}"
-            )
         label = f"{Path(unit['file']).name} ({kind})"
         built.append(ControlUnit(net, hint, float(unit["scale"]), float(unit["start"]),
                                  float(unit["end"]), label))  # fmt: skip
