@@ -92,49 +92,100 @@ def write_video(
     num_frames, height, width, _ = pixels.shape
     if num_frames == 0:
         raise ValueError(f"no frames to write to {path}")
-    if height % 2 or width % 2:
-        raise ValueError(f"H.264 needs even frame sizes, got {height}x{width} for {path}")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps} for {path}")
     times = times if times is not None else FrameTimes.constant(num_frames, fps)
     if len(times.pts) != num_frames:
         raise ValueError(f"{len(times.pts)} frame times for {num_frames} frames ({path})")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sound = av.open(io.BytesIO(audio.data)) if audio is not None and audio.data else None
-    try:
-        with av.open(str(path), mode="w") as container:
-            stream = container.add_stream("libx264", rate=times.nominal_rate())
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.time_base = stream.codec_context.time_base = times.time_base
-            stream.options = {"crf": str(crf), **({} if times.constant_rate else {"bf": "0"})}
-            # Every stream is added before the first packet: that writes the header.
-            sound_out = sound and container.add_stream_from_template(sound.streams.audio[0])
-            _mux_frames(container, stream, pixels, times)
-            if sound is not None:
-                for packet in sound.demux(sound.streams.audio[0]):
-                    if packet.dts is None:  # the demuxer's final flush packet
-                        continue
-                    packet.stream = sound_out
-                    container.mux(packet)
-    finally:
-        if sound is not None:
-            sound.close()
+    with VideoWriter(path, (height, width), times, crf=crf, audio=audio) as writer:
+        writer.write(pixels)
     return path
 
 
-def _mux_frames(container, stream, pixels: np.ndarray, times: FrameTimes) -> None:
-    """Encode with each frame's pts; every packet gets its frame's duration (the muxer keeps
-    only the last one's, which sets where the video ends)."""
-    durations = dict(zip(times.pts, np.diff([*times.pts, times.end]).tolist(), strict=True))
+class VideoWriter:
+    """An H.264 (yuv420p) mp4 written a few frames at a time (``write``), so a long video
+    never sits in memory whole; ``audio`` is muxed when it closes. As a context manager it
+    closes on success; ``close`` raises ``ValueError`` if fewer frames came than ``times``
+    holds. ``size`` (H, W) must be even; ``times`` says when each frame shows
+    (``write_video``'s rules)."""
 
-    def mux(packets: Sequence[av.Packet]) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        size: tuple[int, int],
+        times: FrameTimes,
+        *,
+        crf: int = 18,
+        audio: AudioTrack | None = None,
+    ) -> None:
+        height, width = size
+        if height % 2 or width % 2:
+            raise ValueError(f"H.264 needs even frame sizes, got {height}x{width} for {path}")
+        self.path, self.size, self.times, self.written = Path(path), (height, width), times, 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.durations = dict(
+            zip(times.pts, np.diff([*times.pts, times.end]).tolist(), strict=True)
+        )
+        self.sound = av.open(io.BytesIO(audio.data)) if audio is not None and audio.data else None
+        self.container = av.open(str(self.path), mode="w")
+        stream = self.container.add_stream("libx264", rate=times.nominal_rate())
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = times.time_base
+        stream.options = {"crf": str(crf), **({} if times.constant_rate else {"bf": "0"})}
+        self.stream = stream
+        # Every stream is added before the first packet: that writes the header.
+        self.sound_out = self.sound and self.container.add_stream_from_template(
+            self.sound.streams.audio[0]
+        )
+
+    def write(self, frames: torch.Tensor | np.ndarray) -> None:
+        """Encode the next frames ((n, 3, H, W) in [-1, 1] or (n, H, W, 3) uint8)."""
+        pixels = frames_to_uint8(frames)
+        if tuple(pixels.shape[1:3]) != self.size:
+            raise ValueError(f"frames of {pixels.shape[1:3]} for a {self.size} video ({self.path})")
+        if self.written + len(pixels) > len(self.times.pts):
+            raise ValueError(f"more frames than the {len(self.times.pts)} times of {self.path}")
+        pts = self.times.pts[self.written : self.written + len(pixels)]
+        for image, stamp in zip(pixels, pts, strict=True):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = stamp, self.times.time_base
+            self._mux(self.stream.encode(frame))
+        self.written += len(pixels)
+
+    def _mux(self, packets: Sequence[av.Packet]) -> None:
+        """Every packet gets its frame's duration (the muxer keeps only the last one's, which
+        sets where the video ends)."""
         for packet in packets:
-            packet.duration = durations[packet.pts]
-            container.mux(packet)
+            packet.duration = self.durations[packet.pts]
+            self.container.mux(packet)
 
-    for image, pts in zip(pixels, times.pts, strict=True):
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-        frame.pts, frame.time_base = pts, times.time_base
-        mux(stream.encode(frame))
-    mux(stream.encode(None))
+    def close(self) -> None:
+        """Flush the encoder, mux the audio and close the file."""
+        try:
+            if self.written != len(self.times.pts):
+                raise ValueError(
+                    f"{self.written} frames written for {len(self.times.pts)} frame times "
+                    f"({self.path})"
+                )
+            self._mux(self.stream.encode(None))
+            if self.sound is not None:
+                for packet in self.sound.demux(self.sound.streams.audio[0]):
+                    if packet.dts is None:  # the demuxer's final flush packet
+                        continue
+                    packet.stream = self.sound_out
+                    self.container.mux(packet)
+        finally:
+            self.container.close()
+            if self.sound is not None:
+                self.sound.close()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:  # an error on the way: close the file without flushing; it is not kept
+            self.container.close()
+            if self.sound is not None:
+                self.sound.close()

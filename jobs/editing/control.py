@@ -8,6 +8,7 @@ depth, Canny, HED soft edges) a chunk of frames at a time, once for the whole ru
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -113,25 +114,57 @@ def make_hint(kind: str, unit: dict, frames: torch.Tensor, depth, hed, chunk: in
     return torch.cat(parts)[None]
 
 
-def control_units(cfg: DictConfig, model, inputs, estimator, device, dtype=None) -> Control | None:
-    """The edit's ``Control`` (None without units): the ControlNets loaded for the model's
-    UNet on ``device``, each with its hint (the same hint kind computed once and shared)."""
+@dataclass
+class ControlNets:
+    """The edit's ControlNets, loaded once: ``control`` makes the ``Control`` (each unit with
+    its hint) of any frames of the edit, all of them or a window's."""
+
+    units: list[tuple[dict, torch.nn.Module, str]]  # (its request, the net, its label)
+    hed: torch.nn.Module | None
+    chunk_size: int
+
+    def control(
+        self, model, frames: torch.Tensor, depth, estimator, files: dict, positions: list[int]
+    ) -> Control:
+        """Units with their hints for ``frames`` ``(1, n, 3, H, W)`` in [-1, 1], which are the
+        edit's frames at ``positions``: depth hints from ``depth`` ``(1, n, 1, H, W)`` (None:
+        MiDaS now), canny / soft edges from the frames, hint ``files`` (by unit) sliced; a
+        hint kind is made once and shared by its units."""
+        made: dict[tuple, torch.Tensor] = {}
+        built = []
+        for i, (unit, net, label) in enumerate(self.units):
+            kind = str(unit["hint"])
+            if kind not in HINTS:
+                hint = files[i][:, positions]
+            else:
+                key = (kind, unit["low"], unit["high"]) if kind == "canny" else (kind,)
+                if key not in made:
+                    if kind == "depth" and depth is None:
+                        depth = video_depth(model, frames, estimator, self.chunk_size)
+                    made[key] = make_hint(kind, unit, frames, depth, self.hed, self.chunk_size)
+                hint = made[key]
+            built.append(ControlUnit(net, hint, float(unit["scale"]), float(unit["start"]),
+                                     float(unit["end"]), label))  # fmt: skip
+        return Control(tuple(built))
+
+
+def control_units(
+    cfg: DictConfig, model, inputs, estimator, device, dtype=None
+) -> ControlNets | None:
+    """The edit's ControlNets (None without units), loaded for the model's UNet on
+    ``device``; ``InferError`` for a file that does not load or fit, or a depth hint with
+    no MiDaS to make it."""
     units = units_of(cfg)
     if not units:
         return None
     kinds = {str(u["hint"]) for u in units}
-    depth = inputs.depth
-    if "depth" in kinds and depth is None:
-        if estimator is None and model.depth is None:
-            raise InferError(
-                "hint depth needs a MiDaS: set midas.name=NAME midas.weights=FILE (or depth=FILE)"
-            )
-        depth = video_depth(model, inputs.frames, estimator, cfg.chunk_size)
+    if "depth" in kinds and inputs.depth is None and estimator is None and model.depth is None:
+        raise InferError(
+            "hint depth needs a MiDaS: set midas.name=NAME midas.weights=FILE (or depth=FILE)"
+        )
     hed = load_hed(cfg.hed).to(device) if "softedge" in kinds else None
-    made: dict[tuple, torch.Tensor] = {}
-    built = []
-    for i, unit in enumerate(units):
-        kind = str(unit["hint"])
+    loaded = []
+    for unit in units:
         try:
             net = load_controlnet(unit["file"], model.config.unet).to(device)
         except (CheckpointError, FileNotFoundError) as err:
@@ -143,17 +176,8 @@ def control_units(cfg: DictConfig, model, inputs, estimator, device, dtype=None)
             )
         if dtype is not None:
             cast_for_inference(net, dtype)
-        if kind in HINTS:
-            key = (kind, unit["low"], unit["high"]) if kind == "canny" else (kind,)
-            if key not in made:
-                made[key] = make_hint(kind, unit, inputs.frames, depth, hed, cfg.chunk_size)
-            hint = made[key]
-        else:
-            hint = inputs.hints[i]
-        label = f"{Path(unit['file']).name} ({kind})"
-        built.append(ControlUnit(net, hint, float(unit["scale"]), float(unit["start"]),
-                                 float(unit["end"]), label))  # fmt: skip
-    return Control(tuple(built))
+        loaded.append((unit, net, f"{Path(unit['file']).name} ({unit['hint']})"))
+    return ControlNets(loaded, hed, cfg.chunk_size)
 
 
 def describe_control(cfg: DictConfig) -> list[dict]:

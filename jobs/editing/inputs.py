@@ -44,7 +44,8 @@ class Inputs:
     source: SourceVideo
     geometry: Geometry  # output size (aspect kept) and the padded working size
     indices: list[int]  # source frames used
-    frames: torch.Tensor  # (1, F, 3, H, W) in [-1, 1], at the working size
+    # (1, F, 3, H, W) in [-1, 1] at the working size; None for a sequential edit, which reads
+    # a window at a time (read_window)
     reference: np.ndarray | None  # reference image (H, W, 3) uint8
     mask: torch.Tensor | None  # (1, F or 1, 1, H, W) in [0, 1], at the working size
     depth: torch.Tensor | None  # (1, F, 1, H, W), at the working size
@@ -52,6 +53,23 @@ class Inputs:
     timing: str  # "constant rate" or "source timestamps"
     audio: AudioTrack  # the kept span's audio, ready to mux (or why there is none)
     hints: dict[int, torch.Tensor]  # ControlNet hints given as files, by unit index
+    frames: torch.Tensor | None = None
+
+    def read_window(self, positions: list[int]) -> torch.Tensor:
+        """Frames ``(1, n, 3, H, W)`` in [-1, 1] at the working size of the edit's frames at
+        ``positions`` (0 .. F - 1), from memory or, for a sequential edit, from the file."""
+        if self.frames is not None:
+            return self.frames[:, positions]
+        size = self.geometry.output
+        return self.geometry.pad(
+            read_frames(self.source, [self.indices[p] for p in positions], size)
+        )
+
+
+def sequential(cfg: DictConfig) -> bool:
+    """Whether the edit runs window after window, streaming frames from the input to the
+    output (``window.mode=sequential``: flat memory for long videos)."""
+    return cfg.window.get("mode", "blend") == "sequential"
 
 
 def pad(geometry: Geometry, video: torch.Tensor | None) -> torch.Tensor | None:
@@ -81,7 +99,7 @@ def read_inputs(cfg: DictConfig, kind: str) -> Inputs:
         source=source,
         geometry=geometry,
         indices=indices,
-        frames=geometry.pad(read_frames(source, indices, size)),
+        frames=None if sequential(cfg) else geometry.pad(read_frames(source, indices, size)),
         reference=read_image(cfg.reference) if cfg.reference is not None else None,
         mask=pad(geometry, read_mask(cfg.mask, source, indices, size) if cfg.mask else None),
         depth=pad(geometry, read_depth(cfg.depth, source, indices, size) if cfg.depth else None),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +17,7 @@ import decord
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.io import write_video
+from data.io import VideoWriter
 from jobs.editing.inputs import Inputs
 from jobs.editing.request import edit_settings
 from model.weights.atomic import atomic_output, file_sha256
@@ -29,23 +30,50 @@ def staged_outputs(paths: list[Path]):
         yield [stack.enter_context(atomic_output(path)) for path in paths]
 
 
-def write_outputs(cfg: DictConfig, inputs: Inputs, result, sidecar: dict, started: float):
-    """The mp4 (with the kept span's audio), the preview and the sidecar (its timing
-    completed here), staged in temporary files and moved into place together."""
+class Outputs:
+    """The edit's open output files: ``add`` writes frames as they are made (the mp4 and
+    the preview's input | depth | output panels, all cropped to the output size); the
+    caller sets ``sidecar`` before the files are moved into place."""
+
+    def __init__(self, video: VideoWriter, preview: VideoWriter | None, geometry) -> None:
+        self.video, self.preview, self.geometry = video, preview, geometry
+        self.sidecar: dict | None = None
+
+    def add(self, edited: torch.Tensor, source: torch.Tensor, depth: torch.Tensor | None) -> None:
+        """Write the next frames: ``edited`` and ``source`` ``(n, 3, H, W)`` in [-1, 1] and
+        their ``depth`` ``(n, 1, H, W)`` in [-1, 1] or None, at the working size."""
+        edited = self.geometry.crop(edited)
+        self.video.write(edited)
+        if self.preview is not None:
+            depth = self.geometry.crop(depth) if depth is not None else None
+            depth = depth.expand(-1, 3, -1, -1) if depth is not None else torch.zeros_like(edited)
+            panels = [self.geometry.crop(source), depth, edited]
+            self.preview.write(torch.cat(panels, dim=-1))
+
+
+@contextmanager
+def output_files(cfg: DictConfig, inputs: Inputs, started: float) -> Iterator[Outputs]:
+    """The mp4 (with the kept span's audio), the preview and the sidecar, written to
+    temporary files while the edit runs and moved into place together when it succeeds (the
+    sidecar's timing completed here); nothing is left behind when it fails."""
     output = Path(cfg.output)
     paths = [output.with_suffix(".json"), output]
     if cfg.preview:
         paths.append(output.with_name(output.stem + ".preview.mp4"))
-    fps = sidecar["frames"]["fps"]
-    with staged_outputs(paths) as temps:
-        write_video(
-            temps[1], result.frames[0], fps, crf=cfg.crf, times=inputs.times, audio=inputs.audio
+    height, width = inputs.geometry.output
+    with staged_outputs(paths) as temps, ExitStack() as writers:
+        video = writers.enter_context(
+            VideoWriter(temps[1], (height, width), inputs.times, crf=cfg.crf, audio=inputs.audio)
         )
+        preview = None
         if cfg.preview:
-            frames = inputs.geometry.crop(inputs.frames[0])
-            depth = result.depth[0] if result.depth is not None else torch.zeros_like(frames)
-            panels = [frames, depth.expand(-1, 3, -1, -1), result.frames[0]]
-            write_video(temps[2], torch.cat(panels, dim=-1), fps, crf=cfg.crf, times=inputs.times)
+            preview = writers.enter_context(
+                VideoWriter(temps[2], (height, 3 * width), inputs.times, crf=cfg.crf)
+            )
+        outputs = Outputs(video, preview, inputs.geometry)
+        yield outputs
+        writers.close()  # flushed and closed before the sidecar says how long it all took
+        sidecar = outputs.sidecar
         timing = sidecar["timing"]
         timing["write_s"] = time.perf_counter() - started - sum(timing.values())
         timing["total_s"] = time.perf_counter() - started

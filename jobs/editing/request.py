@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from data.media import (
     SourceVideo,
 )
+from model.editing.long import long_windows
 from model.editing.methods import get_method, method_names
 from model.editing.precision import native_bf16
 from model.editing.settings import (
@@ -133,6 +134,25 @@ def check_request(cfg: DictConfig, kind: str) -> None:
     else:
         check_gen1_content(cfg)
     check_paths_and_precision(cfg)
+    check_window_mode(cfg)
+
+
+def check_window_mode(cfg: DictConfig) -> None:
+    """``window.mode`` blend or sequential; a sequential edit's anchors, whole frame numbers
+    that leave room for new frames in every window."""
+    window = cfg.window
+    mode = window.get("mode", "blend")
+    if mode not in ("blend", "sequential"):
+        raise InferError(f"window.mode must be blend or sequential, got {mode!r}")
+    if mode != "sequential":
+        return
+    anchors = window.get("anchors", [0])
+    if isinstance(anchors, str) or not all(isinstance(a, int) and a >= 0 for a in anchors):
+        raise InferError(f"window.anchors must be a list of frame numbers, got {anchors}")
+    try:
+        long_windows(window.length + 1, window.length, window.overlap, list(anchors))
+    except ValueError as err:
+        raise InferError(f"window.mode=sequential: {err}") from err
 
 
 def check_paths_and_precision(cfg: DictConfig) -> None:

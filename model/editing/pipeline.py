@@ -39,6 +39,33 @@ class EditResult:
     steps_run: int = 0  # sampler steps actually run (fewer than ``steps`` when strength < 1)
     method: str = ""  # the editing method that ran (``model.editing.methods``)
     method_settings: dict = field(default_factory=dict)  # its own settings, for the sidecar
+    # The final latents (B, F, C, h, w) in the model's DDPM space, for every frame (also the
+    # carried ones): what a sequential long edit passes to its next window.
+    latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None  # the starting noise of every frame, (B, F, C, h, w)
+
+
+@dataclass
+class Carry:
+    """Frames of an edit that are already made (``model.editing.long``): their final
+    ``latents`` ``(B, F, C, h, w)`` and the ``noise`` they were made from, at the frames where
+    ``known`` ``(F,)`` (bool) is set (other frames' values are ignored). Known frames stay
+    fixed through sampling (their latents noised to each step's sigma, as masked editing
+    keeps the unmasked region), so the other frames are sampled to continue them; only the
+    other frames are decoded."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    known: torch.Tensor
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """``ValueError`` unless latents and noise are ``shape`` and ``known`` has F flags."""
+        for name in ("latents", "noise"):
+            value = getattr(self, name)
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"carried {name} {tuple(value.shape)} must be {tuple(shape)}")
+        if tuple(self.known.shape) != (shape[1],) or self.known.dtype != torch.bool:
+            raise ValueError(f"carry.known must be a bool tensor of {shape[1]} frames")
 
 
 def check_control(model, control: Control | None, video_shape: torch.Size) -> None:
@@ -121,6 +148,7 @@ def edit_video(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     control: Control | None = None,
+    carry: Carry | None = None,
 ) -> EditResult:
     """Edit ``frames`` ``(B, F, 3, H, W)`` in [-1, 1] (any device; moved a chunk at a time)
     with ``model`` (a Gen-1 model or an SD checkpoint: ``model.editing.interface``) toward
@@ -133,7 +161,9 @@ def edit_video(
     generator) draws all noise, so a seed reproduces an edit on any device;
     ``autocast_dtype`` (float16 / bfloat16) runs the networks in half precision.
     ``control``: ControlNet units with their hints (``model.sd.control``; SD models only),
-    acting with every method, sampler, window and mask.
+    acting with every method, sampler, window and mask. ``carry``: frames already made
+    (``Carry``; a sequential long edit's anchors and overlap), kept fixed; the result's
+    ``frames`` are then only the other frames, in order.
     Raises ``ValueError`` for settings out of range, a method the model does not run, a
     frame size that is not a multiple of the VAE's factor, or hints that do not fit.
     """
@@ -179,15 +209,22 @@ def edit_video(
             cond["control"] = control.for_steps(model.schedule.sigma_to_t(run))
             cond["control_hint"] = control.stacked_hints().expand(batch, -1, -1, -1, -1).to(device)
         shape = (batch, num_frames, unet.out_channels, *size)
+        if carry is not None:
+            carry.check(shape)
+        new = carry_new_frames(carry, num_frames)
         source, small_mask = None, None
-        needs_source = settings.strength < 1.0 or mask is not None
+        needs_source = settings.strength < 1.0 or mask is not None or carry is not None
         if needs_source and settings.source_latents == "sample":  # drawn first, as diffusers
-            source = encode_frames(model.vae, frames, settings.chunk_size, device, generator)
+            source = encode_frames(
+                model.vae, frames[:, new], settings.chunk_size, device, generator
+            )
         noise = method.noise(shape, settings, generator, frames.float().cpu()).to(device)
         if needs_source and source is None:
-            source = encode_frames(model.vae, frames, settings.chunk_size, device)
+            source = encode_frames(model.vae, frames[:, new], settings.chunk_size, device)
         if mask is not None:
             small_mask = latent_mask(mask, size).to(device)
+        if carry is not None:
+            noise, source, small_mask = with_carry(carry, noise, source, small_mask, new)
         denoiser = method.denoiser(model, settings, progress)
         step_kwargs = sampler_kwargs(sampler, settings.eta, generator)
         step_noise = method.step_noise(shape, generator, device)
@@ -211,10 +248,11 @@ def edit_video(
         latents = method.render(sampling)  # one sampling run, or one per frame (the method's)
         if sigmas[-1] > 0:  # latents at the last sigma, back to the model's DDPM space
             latents = latents / (1 + sigmas[-1] ** 2).sqrt()
-        out = decode_latents(model.vae, latents, settings.chunk_size, progress)
+        out = decode_latents(model.vae, latents[:, new], settings.chunk_size, progress)
     if mask is not None and settings.keep_unmasked_pixels:
         keep = mask.float().cpu()
-        out = keep * out + (1 - keep) * frames.float().cpu()
+        keep = keep[:, new] if keep.shape[1] == num_frames else keep
+        out = keep * out + (1 - keep) * frames[:, new].float().cpu()
     windows = window_slices(num_frames, settings.window_length, denoiser.overlap)
     return EditResult(
         frames=out,
@@ -224,4 +262,28 @@ def edit_video(
         steps_run=sdedit_steps(settings.steps, settings.strength),
         method=method.name,
         method_settings=method.describe(settings),
+        latents=latents.float(),
+        noise=noise,
     )
+
+
+def carry_new_frames(carry: Carry | None, num_frames: int) -> torch.Tensor:
+    """Indices ``(F_new,)`` of the frames an edit makes (all without ``carry``)."""
+    if carry is None:
+        return torch.arange(num_frames)
+    return torch.nonzero(~carry.known.cpu()).flatten()
+
+
+def with_carry(carry: Carry, noise, source, small_mask, new: torch.Tensor):
+    """Noise, source latents (made for the ``new`` frames) and latent mask of a whole window,
+    with the carried frames' own noise and latents in place and their mask 0 (kept)."""
+    known = carry.known.to(noise.device)
+    noise = torch.where(known.view(1, -1, 1, 1, 1), carry.noise.to(noise), noise)
+    full = carry.latents.to(noise).clone()
+    full[:, new.to(noise.device)] = source
+    batch, num_frames = noise.shape[:2]
+    if small_mask is None:
+        small_mask = torch.ones(batch, num_frames, 1, *noise.shape[-2:], device=noise.device)
+    small_mask = small_mask.expand(batch, num_frames, -1, -1, -1).clone()
+    small_mask[:, known] = 0.0
+    return noise, full, small_mask

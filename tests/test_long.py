@@ -1,0 +1,129 @@
+"""Long edits window after window (model.editing.long): the plan, carried frames kept fixed,
+anchors acting on every later window, memory bounded by a window, and the one-window case
+equal to a plain edit. The tiny Gen-1 with its temporal layers on, at 32x32, 2 steps."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.editing.long import edit_long_video, long_windows
+from model.editing.pipeline import Carry, edit_video
+from model.editing.settings import EditSettings
+from tests.test_editing import content_of, tiny_gen1, video
+
+SETTINGS = EditSettings(steps=2, w=3.0, window_length=6, window_overlap=2, prepack=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gen1(temporal=True)
+
+
+@pytest.mark.parametrize(
+    "frames, length, overlap, anchors",
+    [(30, 8, 2, (0,)), (17, 6, 3, (0, 5)), (5, 8, 2, (0,)), (40, 8, 0, ()), (23, 8, 4, (7,))],
+)
+def test_windows_make_every_frame_once_and_carry_anchors_and_overlap(
+    frames, length, overlap, anchors
+):
+    windows = long_windows(frames, length, overlap, anchors)
+    made = [f for w in windows for f in w.new]
+    assert made == list(range(frames))
+    for before, window in zip(windows, windows[1:], strict=False):
+        assert len(window.frames) <= length
+        assert window.anchors == tuple(sorted(anchors))
+        last = before.new[-1] + 1
+        expected = [f for f in range(last - overlap, last) if f not in anchors]
+        assert list(window.overlap) == expected
+        assert window.new[0] == last
+
+
+def test_a_window_without_room_for_new_frames_is_refused():
+    with pytest.raises(ValueError, match="no room for new frames"):
+        long_windows(20, 4, 3, (0,))
+    with pytest.raises(ValueError, match="not frames of the first window"):
+        long_windows(20, 8, 2, (9,))
+
+
+def test_a_video_of_one_window_equals_the_plain_edit(model):
+    frames, depth = video(6)
+    content = content_of(model, frames)
+    plain = edit_video(
+        model, frames, content, SETTINGS, depth=depth, generator=torch.Generator().manual_seed(3)
+    )
+    parts = []
+    edit_long_video(
+        model,
+        6,
+        lambda idx: frames[:, idx],
+        content,
+        SETTINGS,
+        lambda window, out, source, depth: parts.append(out),
+        read_depth=lambda idx: depth[:, idx],
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert torch.equal(torch.cat(parts, dim=1), plain.frames)
+
+
+def test_carried_frames_stay_as_made_and_the_others_are_decoded(model):
+    frames, depth = video(6)
+    content = content_of(model, frames)
+    gen = torch.Generator().manual_seed(0)
+    made = torch.randn(1, 6, 4, 8, 8, generator=gen)
+    known = torch.tensor([True, True, False, False, False, False])
+    carry = Carry(made, torch.randn(made.shape, generator=gen), known)
+    out = edit_video(model, frames, content, SETTINGS, depth=depth, carry=carry)
+    assert out.frames.shape[1] == 4  # only the new frames are decoded
+    torch.testing.assert_close(out.latents[:, :2], made[:, :2], atol=1e-5, rtol=0)
+
+
+def test_later_windows_follow_the_anchor_frames(model):
+    """The anchors are in every later window: a different first window (its content) changes
+    the last window's frames even with no overlap left to carry it."""
+    frames, depth = video(14)
+    content = content_of(model, frames)
+
+    def run(anchors, first_content):
+        parts = []
+        edit_long_video(
+            model,
+            14,
+            lambda idx: frames[:, idx],
+            content,
+            dataclasses.replace(SETTINGS, window_overlap=0),
+            lambda window, out, source, depth: parts.append(out),
+            anchors=anchors,
+            read_depth=lambda idx: depth[:, idx],
+            content_of=lambda idx: (
+                first_content if idx[0] == 0 and len(idx) == 6 and idx[-1] == 5 else content
+            ),
+            generator=torch.Generator().manual_seed(3),
+        )
+        return torch.cat(parts, dim=1)
+
+    other = content_of(model, frames[:, 7:8]) * -1
+    without = run((), content), run((), other)
+    with_anchor = run((0,), content), run((0,), other)
+    # No anchors: the last window does not see the first one at all.
+    torch.testing.assert_close(without[0][:, -4:], without[1][:, -4:])
+    assert (with_anchor[0][:, -4:] - with_anchor[1][:, -4:]).abs().max() > 1e-3
+
+
+def test_no_call_reads_or_holds_more_than_a_window(model):
+    frames, depth = video(25)
+    content = content_of(model, frames)
+    reads, sizes = [], []
+    edit_long_video(
+        model,
+        25,
+        lambda idx: reads.append(list(idx)) or frames[:, idx],
+        content,
+        SETTINGS,
+        lambda window, out, source, depth: sizes.append(out.shape[1]),
+        read_depth=lambda idx: depth[:, idx],
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert max(len(r) for r in reads) <= SETTINGS.window_length
+    assert sum(sizes) == 25
+    assert all(0 in r for r in reads)  # the anchor is in every window
