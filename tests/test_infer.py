@@ -214,6 +214,15 @@ BAD = {
     "missing reference": (["reference_frame=null", "reference={d}/none.png"], "missing"),
     "output is the input": (["output={d}/clip.mp4"], "never overwritten"),
     "missing checkpoint": (["checkpoint={d}/none.ckpt"], "not found"),
+    "unknown window mode": (["window.mode=rolling"], "window.mode must be blend or sequential"),
+    "no room for new frames": (
+        ["window.mode=sequential", "window.anchors=[0,1]", "window.overlap=2"],
+        "no room for new frames",
+    ),
+    "corrupt stream, sequential": (
+        ["input={d}/truncated.mp4", "window.mode=sequential"],
+        "corrupt video stream",
+    ),
     "window over the model's frames": (
         ["window.length=64", "window.overlap=1"],
         "temporal_max_frames",

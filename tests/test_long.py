@@ -4,13 +4,20 @@ equal to a plain edit. The tiny Gen-1 with its temporal layers on, at 32x32, 2 s
 
 import dataclasses
 
+import av
 import pytest
 import torch
 
+import infer
+from data import media
 from model.editing.long import edit_long_video, long_windows
 from model.editing.pipeline import Carry, edit_video
 from model.editing.settings import EditSettings
+from tests import test_infer
 from tests.test_editing import content_of, tiny_gen1, video
+from tests.test_infer import FAST, config, read
+
+files = test_infer.files  # the media fixture of infer's tests
 
 SETTINGS = EditSettings(steps=2, w=3.0, window_length=6, window_overlap=2, prepack=False)
 
@@ -127,3 +134,33 @@ def test_no_call_reads_or_holds_more_than_a_window(model):
     assert max(len(r) for r in reads) <= SETTINGS.window_length
     assert sum(sizes) == 25
     assert all(0 in r for r in reads)  # the anchor is in every window
+
+
+def test_infer_sequential_streams_every_frame_with_audio_mask_and_preview(files, tmp_path):
+    """window.mode=sequential through infer.py: all 24 frames written (window after window),
+    the audio kept, the unmasked right half the input's (the mask's left half is edited),
+    the plan in the sidecar."""
+    out = tmp_path / "long.mp4"
+    cfg = config(
+        f"input={files / 'clip.mp4'}",
+        f"output={out}",
+        f"checkpoint={files / 'tiny.ckpt'}",
+        f"reference={files / 'red.png'}",
+        f"mask={files / 'mask.png'}",
+        "window.mode=sequential",
+        "preview=true",
+        *FAST,
+    )
+    done = infer.run(cfg)
+    frames, _ = read(out)
+    assert frames.shape[0] == 24
+    assert read(out.with_name("long.preview.mp4"))[0].shape[0] == 24
+    # FAST: windows of 4 frames, overlap 1, anchor 0: 4 new, then 2 new per window.
+    assert done["windows"] == [(0, 4)] + [(s, s + 2) for s in range(4, 24, 2)]
+    source = media.read_frames(files / "clip.mp4", list(range(24)), (24, 32))[0]
+    with av.open(str(out)) as container:
+        assert len(container.streams.audio) == 1
+    edited = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+    right = (edited - source)[..., 20:].abs().mean()
+    left = (edited - source)[..., :12].abs().mean()
+    assert right < 0.1 < 0.5 < left  # kept outside the mask (up to yuv420p chroma), edited in

@@ -95,6 +95,8 @@ def read_inputs(cfg: DictConfig, kind: str) -> Inputs:
             f"reference_frame={cfg.reference_frame} is outside the input's "
             f"{source.num_frames} frames"
         )
+    if sequential(cfg):  # frames are read a window at a time: a broken stream is found now
+        read_frames(source, [indices[0], indices[-1]], size)
     return Inputs(
         source=source,
         geometry=geometry,
