@@ -10,7 +10,8 @@ import torch
 
 import infer
 from data import media
-from model.editing.long import edit_long_video, long_windows
+from model.diffusion.guidance import MaskedDenoiser, Release
+from model.editing.long import edit_long_video, long_windows, shared_noise
 from model.editing.pipeline import Carry, edit_video
 from model.editing.settings import EditSettings
 from tests import test_infer
@@ -54,10 +55,13 @@ def test_a_window_without_room_for_new_frames_is_refused():
 
 
 def test_a_video_of_one_window_equals_the_plain_edit(model):
+    """One window: the plain edit with the long edit's shared noise, drawn first."""
     frames, depth = video(6)
     content = content_of(model, frames)
+    generator = torch.Generator().manual_seed(3)
+    common = shared_noise(model, frames.shape, generator)
     plain = edit_video(
-        model, frames, content, SETTINGS, depth=depth, generator=torch.Generator().manual_seed(3)
+        model, frames, content, SETTINGS, depth=depth, generator=generator, common=common
     )
     parts = []
     edit_long_video(
@@ -71,6 +75,43 @@ def test_a_video_of_one_window_equals_the_plain_edit(model):
         generator=torch.Generator().manual_seed(3),
     )
     assert torch.equal(torch.cat(parts, dim=1), plain.frames)
+
+
+def test_released_overlap_is_sampled_on_and_the_seam_cross_faded(model):
+    """hold=1 keeps the overlap as made; hold < 1 changes the frames from the first seam on
+    and only there (the first window's frames before the seam are the same), and every
+    frame still comes once, in order."""
+    frames, depth = video(12)
+    content = content_of(model, frames)
+
+    def run(hold):
+        parts, order = [], []
+
+        def sink(window, out, source, depth):
+            parts.append(out)
+            order.extend(window.new)
+
+        edit_long_video(
+            model, 12, lambda idx: frames[:, idx], content, SETTINGS, sink, hold=hold,
+            read_depth=lambda idx: depth[:, idx], generator=torch.Generator().manual_seed(3),
+        )  # fmt: skip
+        assert order == list(range(12))
+        return torch.cat(parts, dim=1)
+
+    held, released = run(1.0), run(0.25)
+    torch.testing.assert_close(held[:, :4], released[:, :4])  # frames 4, 5 are the seam
+    assert (held[:, 4:6] - released[:, 4:6]).abs().max() > 1e-3
+
+
+def test_masked_denoiser_lets_a_kept_region_go_below_its_release_sigma():
+    source, noise = torch.zeros(1, 2, 1, 2, 2), torch.ones(1, 2, 1, 2, 2)
+    mask = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1, 1)
+    release = Release(torch.tensor([-1.0, 5.0]).view(1, 2, 1, 1, 1), torch.ones(1, 2, 1, 2, 2))
+    masked = MaskedDenoiser(lambda x, sigma: x + 100, source, mask, noise, release)
+    x = torch.full((1, 2, 1, 2, 2), 7.0)
+    held = masked(x, torch.tensor([10.0]))
+    assert held[0, 1].eq(0).all() and held[0, 0].eq(107).all()
+    assert masked(x, torch.tensor([4.0])).eq(107).all()  # below 5: frame 1 is free too
 
 
 def test_carried_frames_stay_as_made_and_the_others_are_decoded(model):

@@ -149,6 +149,9 @@ def check_window_mode(cfg: DictConfig) -> None:
     anchors = window.get("anchors", [0])
     if isinstance(anchors, str) or not all(isinstance(a, int) and a >= 0 for a in anchors):
         raise InferError(f"window.anchors must be a list of frame numbers, got {anchors}")
+    hold = window.get("hold", 0.25)
+    if isinstance(hold, bool) or not isinstance(hold, int | float) or not 0 <= hold <= 1:
+        raise InferError(f"window.hold must be a number in [0, 1], got {hold!r}")
     try:
         long_windows(window.length + 1, window.length, window.overlap, list(anchors))
     except ValueError as err:

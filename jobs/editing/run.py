@@ -155,5 +155,6 @@ def edit_in_windows(cfg, inputs, model, estimator, nets, content, outputs, edit:
         read_mask=mask_of if inputs.mask is not None else None,
         control_of=control_of if nets is not None else None,
         depth_estimator=estimator,
+        hold=float(window.hold),
         **edit,
     )

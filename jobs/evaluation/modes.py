@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from data.captions import world_pairs
 from jobs.evaluation.clips import WorldClip, prompt_of, world_clips
+from jobs.evaluation.long import run_long
 from jobs.evaluation.methods import run_methods
 from jobs.evaluation.reports import (
     INPUT_ROW,
@@ -144,10 +145,11 @@ def run(cfg: DictConfig) -> dict:
     if cfg.noise_correlation is None and Path(cfg.checkpoint).is_file():
         cfg.noise_correlation = default_noise_correlation(cfg.checkpoint)
     gen1, estimator = load_model(cfg, device_of(cfg))
-    clips = list(world_clips(cfg))
+    clips = [] if cfg.mode == "long" else list(world_clips(cfg))  # long renders its own
     try:
         modes = {"compare": run_compare, "sweep": run_sweep, "prompts": run_prompts}
         modes["methods"] = run_methods
+        modes["long"] = run_long
         result = modes[cfg.mode](cfg, gen1, estimator, clips)
     except ValueError as err:  # settings the model cannot take (e.g. a size the VAE cannot)
         raise EvalError(str(err)) from err

@@ -28,7 +28,7 @@ class EvalError(Exception):
 def check_config(cfg: DictConfig) -> None:
     """Every choice and count in range, before anything is loaded."""
     choices = {
-        "mode": ("compare", "sweep", "prompts", "methods"),
+        "mode": ("compare", "sweep", "prompts", "methods", "long"),
         "reference": ("other_clip", "own_clip"),
         "content": ("image", "prompt"),
         "structure": ("auto", "midas", "exact"),

@@ -6,6 +6,8 @@ runs them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from model.diffusion.samplers import Denoiser
@@ -116,6 +118,19 @@ class ClassifierFreeGuidance:
         return out_uncond + self.w * (out_cond - out_uncond)
 
 
+@dataclass
+class Release:
+    """When masked editing lets kept regions go: below ``sigma`` (broadcastable to the
+    latents, e.g. ``(1, F, 1, 1, 1)``; -1: never) the mask is ``mask`` instead."""
+
+    sigma: torch.Tensor
+    mask: torch.Tensor
+
+    def frames(self, index) -> Release:
+        """The release of the frames ``index`` (dim 1)."""
+        return Release(self.sigma[:, index], self.mask[:, index])
+
+
 class MaskedDenoiser:
     """Masked editing: outside ``mask`` the sampler follows the source latents.
 
@@ -123,10 +138,18 @@ class MaskedDenoiser:
     current sigma (``source + sigma * noise``), and the unmasked region of the returned x0 is the
     source itself. Every sampler's last step returns x0 at sigma = 0, so the unmasked latents end
     equal to the source. ``mask`` is 1 where the content is regenerated, broadcastable to ``x``.
+    ``release``: below its sigma a kept region takes the release's own mask and is sampled
+    on from where it is (a long edit's overlap frames, held for the first steps of the next
+    window, then blended; ``model.editing.long``).
     """
 
     def __init__(
-        self, denoiser: Denoiser, source: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor
+        self,
+        denoiser: Denoiser,
+        source: torch.Tensor,
+        mask: torch.Tensor,
+        noise: torch.Tensor,
+        release: Release | None = None,
     ) -> None:
         if noise.shape != source.shape:
             raise ValueError(f"noise {tuple(noise.shape)} must match source {tuple(source.shape)}")
@@ -134,13 +157,22 @@ class MaskedDenoiser:
         self.source = source
         self.mask = mask.to(source.dtype)
         self.noise = noise
+        self.release = release
+
+    def mask_at(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The mask at ``sigma`` ``(B,)``: 1 also where a kept region was released."""
+        if self.release is None:
+            return self.mask
+        released = append_dims(sigma, self.mask.ndim) < self.release.sigma
+        return torch.where(released, self.release.mask.to(self.mask), self.mask)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
+        mask = self.mask_at(sigma)
         noised_source = self.source + append_dims(sigma, x.ndim) * self.noise
-        x = self.mask * x + (1 - self.mask) * noised_source
+        x = mask * x + (1 - mask) * noised_source
         denoised = self.denoiser(x, sigma, **kwargs)
-        return self.mask * denoised + (1 - self.mask) * self.source
+        return mask * denoised + (1 - mask) * self.source
 
 
 def sdedit_steps(num_steps: int, strength: float) -> int:
@@ -182,6 +214,7 @@ def sample(
     source: torch.Tensor | None = None,
     strength: float = 1.0,
     mask: torch.Tensor | None = None,
+    release: Release | None = None,
     extra_args: dict | None = None,
     callback=None,
     disable: bool | None = None,
@@ -189,7 +222,8 @@ def sample(
 ) -> torch.Tensor:
     """Run ``sampler`` from ``noise``: from scratch (no ``source``), or SDEdit from ``source``
     at ``strength`` (1: the source noised to sigma_max, as diffusers' img2img), optionally with
-    masked editing (``mask``, 1 = regenerate). The same ``noise`` noises the source throughout."""
+    masked editing (``mask``, 1 = regenerate; ``release``: the sigma below which a kept region
+    is let go, ``MaskedDenoiser``). The same ``noise`` noises the source throughout."""
     if source is not None:
         x, sigmas = sdedit_start(source, sigmas, strength, noise)
     elif mask is not None or strength < 1.0:
@@ -197,7 +231,7 @@ def sample(
     else:
         x = initial_latents(noise, sigmas[0])
     if mask is not None:
-        denoiser = MaskedDenoiser(denoiser, source, mask, noise)
+        denoiser = MaskedDenoiser(denoiser, source, mask, noise, release)
         x = mask * x + (1 - mask) * (source + sigmas[0] * noise)
     if len(sigmas) < 2:
         return x

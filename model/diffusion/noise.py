@@ -50,13 +50,19 @@ def correlate_frames(
 
 
 def frame_noise(
-    shape: tuple[int, ...], correlation: float, generator: torch.Generator | None = None
+    shape: tuple[int, ...],
+    correlation: float,
+    generator: torch.Generator | None = None,
+    common: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unit Gaussian noise ``(B, F, C, h, w)`` whose frames correlate by ``correlation``
-    (``correlate_frames``): 0 gives independent frames (exactly
-    ``torch.randn(shape)``, so seeds keep their edits), 1 the same noise for every frame."""
+    (``correlate_frames``, with its shared draw ``common`` when given): 0 gives independent
+    frames (exactly ``torch.randn(shape)``, so seeds keep their edits), 1 the same noise for
+    every frame."""
     noise = torch.randn(shape, generator=generator)
-    return correlate_frames(noise, correlation, generator) if correlation > 0.0 else noise
+    if correlation > 0.0:
+        return correlate_frames(noise, correlation, generator, common)
+    return noise
 
 
 def sample_seed(*key: int) -> int:

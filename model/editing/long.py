@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from model.editing.pipeline import Carry, edit_video
+from model.editing.pipeline import Carry, decode_latents, edit_video
+from model.editing.precision import autocast
 from model.editing.settings import EditSettings
 
 
@@ -121,6 +122,7 @@ def edit_long_video(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    hold: float = 0.5,
 ) -> LongEditResult:
     """Edit a video of ``num_frames`` frames window after window (``long_windows`` with
     ``settings.window_length`` / ``window_overlap`` and ``anchors``), in memory bounded by
@@ -128,32 +130,46 @@ def edit_long_video(
     [-1, 1] of those indices, ``read_depth`` / ``read_mask`` their depth ``(B, n, 1, H, W)``
     and mask (optional); ``content_of(indices)`` / ``control_of(indices)`` the content and
     ControlNet units for those frames (default: ``content`` for all, no ControlNet).
-    ``sink(window, edited, source, depth)`` receives every window's new frames, in order, as
-    soon as they are decoded: ``edited`` and ``source`` ``(B, n_new, 3, H, W)`` in [-1, 1]
-    on the CPU, ``depth`` ``(B, n_new, 1, H, W)`` in [-1, 1] (for previews) or None.
+    ``sink(window, edited, source, depth)`` receives the video's frames in order, as soon as
+    they are final: ``edited`` and ``source`` ``(B, n, 3, H, W)`` in [-1, 1] on the CPU,
+    ``depth`` ``(B, n, 1, H, W)`` in [-1, 1] (for previews) or None; ``window.new`` names
+    the frames given (a window's seam frames, then its own but those it holds back).
 
-    Each window is ``edit_video`` with the carried frames fixed (``pipeline.Carry``); the
-    noise of every frame is drawn once, in its window, from ``generator``. Raises
-    ``ValueError`` as ``edit_video`` and ``long_windows`` do, before any compute.
+    Each window is ``edit_video`` with the carried frames kept (``pipeline.Carry``): anchors
+    throughout; the overlap for the first ``hold`` of the steps, after which it is sampled on
+    with the window and the seam cross-faded, in latents, from the previous window's version
+    to this one's (so no step shows where windows meet; ``hold=1`` keeps the overlap as it
+    was made). The shared part of the noise is drawn once, every frame's own part in its
+    window, from ``generator``. Raises ``ValueError`` as ``edit_video`` and ``long_windows``
+    do, and for ``hold`` outside [0, 1], before any compute.
     """
     windows = long_windows(num_frames, settings.window_length, settings.window_overlap, anchors)
+    if not 0.0 <= hold <= 1.0:
+        raise ValueError(f"hold must be in [0, 1], got {hold}")
     result = LongEditResult(
         plan=windows,
         windows=[(w.new[0], w.new[-1] + 1) for w in windows],
         anchors=sorted({int(a) for a in anchors}),
     )
     made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # frame -> (latents, noise)
+    pending: dict[int, torch.Tensor] = {}  # frames held back for the seam: their latents
+    common = None  # the noise every window's frames share (drawn with the first window)
     bar = tqdm(windows, desc="long edit (windows)", disable=not progress, unit="window")
-    for window in bar:
+    for i, window in enumerate(bar):
         frames = window.frames
         carry = None
         if window.carried:
+            hold_of = [hold if f in pending else 1.0 for f in frames[: window.carried]]
             carry = Carry(
                 latents=_stack(made, frames, 0, window.carried),
                 noise=_stack(made, frames, 1, window.carried),
                 known=torch.arange(len(frames)) < window.carried,
+                hold=torch.tensor(hold_of + [1.0] * len(window.new)),
             )
         source = read_frames(frames)
+        mask = read_mask(frames) if read_mask is not None else None
+        if common is None:
+            common = shared_noise(model, source.shape, generator)
         edited = edit_video(
             model,
             source,
@@ -161,26 +177,66 @@ def edit_long_video(
             replace(settings, window_length=len(frames)),
             depth=read_depth(frames) if read_depth is not None else None,
             depth_estimator=depth_estimator,
-            mask=read_mask(frames) if read_mask is not None else None,
+            mask=mask,
             generator=generator,
             autocast_dtype=autocast_dtype,
             progress=False,
             control=control_of(frames) if control_of is not None else None,
             carry=carry,
+            common=common,
         )
+        # The seam: frames the previous window held back, cross-faded from its latents to
+        # this window's (which continued them after ``hold`` of the steps), emitted first.
+        seam = [p for p, f in enumerate(frames) if f in pending]
+        blended = None
+        if seam:
+            ramp = torch.arange(1, len(seam) + 1, dtype=torch.float32) / (len(seam) + 1)
+            ramp = ramp.view(1, -1, 1, 1, 1).to(edited.latents.device)
+            old = torch.stack([pending.pop(frames[p]) for p in seam], dim=1)
+            blended = (1 - ramp) * old.to(edited.latents) + ramp * edited.latents[:, seam]
+            for j, p in enumerate(seam):
+                made[frames[p]] = (blended[:, j], made[frames[p]][1])
+        coming = set(windows[i + 1].overlap) if i + 1 < len(windows) else set()
         end = window.new[-1] + 1
         keep = set(anchors) | set(range(end - settings.window_overlap, end))
         for position, frame in enumerate(frames):
             if frame in keep and frame not in made:
                 made[frame] = (edited.latents[:, position], edited.noise[:, position])
+            if frame in coming and frame in window.new:
+                pending[frame] = edited.latents[:, position]
         for frame in [f for f in made if f not in keep]:
             del made[frame]  # only anchors and the coming overlap stay: memory stays flat
-        depth = edited.depth[:, window.carried :] if edited.depth is not None else None
-        sink(window, edited.frames, source[:, window.carried :].float().cpu(), depth)
+        out_positions = seam + [
+            window.carried + j for j, f in enumerate(window.new) if f not in pending
+        ]
+        out_frames = [frames[p] for p in out_positions]
+        edited_new = edited.frames[:, [j for j, f in enumerate(window.new) if f not in pending]]
+        if blended is not None:
+            with autocast(blended.device, autocast_dtype):
+                seam_frames = decode_latents(model.vae, blended, settings.chunk_size)
+            if mask is not None and settings.keep_unmasked_pixels:  # as edit_video pastes
+                keep = mask.float().cpu()
+                keep = keep[:, seam] if keep.shape[1] == len(frames) else keep
+                seam_frames = keep * seam_frames + (1 - keep) * source[:, seam].float().cpu()
+            edited_new = torch.cat([seam_frames, edited_new], dim=1)
+        depth = edited.depth[:, out_positions] if edited.depth is not None else None
+        shown = LongWindow(window.anchors, window.overlap, tuple(out_frames))
+        sink(shown, edited_new, source[:, out_positions].float().cpu(), depth)
         result.window_calls += edited.window_calls
         result.steps_run, result.method = edited.steps_run, edited.method
         result.method_settings = edited.method_settings
     return result
+
+
+def shared_noise(model, video_shape: torch.Size, generator) -> torch.Tensor:
+    """One draw ``(B, 1, C, h, w)`` of the latents' shape: the part of the starting noise the
+    frames of every window share (so windows do not restart the noise of a method that
+    shares it: Gen-1's PYoCo correlation, mov2mov's one draw)."""
+    batch, _, _, height, width = video_shape
+    factor = model.vae.downsample_factor
+    channels = model.sampling_unet().out_channels
+    shape = (batch, 1, channels, height // factor, width // factor)
+    return torch.randn(shape, generator=generator)
 
 
 def _stack(made: dict, frames: list[int], which: int, count: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.diffusion.guidance import sdedit_steps
+from model.diffusion.guidance import Release, sdedit_steps
 from model.diffusion.samplers import get_sigmas, resolve_sampler, sampler_kwargs
 from model.diffusion.windows import window_slices
 from model.editing.methods import SamplingRun, resolve_method
@@ -57,6 +57,9 @@ class Carry:
     latents: torch.Tensor
     noise: torch.Tensor
     known: torch.Tensor
+    # (F,) in [0, 1]: the share of the run's steps each known frame is held for (then it is
+    # sampled on from where it is: a long edit's overlap, blended afterwards); None: all.
+    hold: torch.Tensor | None = None
 
     def check(self, shape: tuple[int, ...]) -> None:
         """``ValueError`` unless latents and noise are ``shape`` and ``known`` has F flags."""
@@ -149,6 +152,7 @@ def edit_video(
     progress: bool = False,
     control: Control | None = None,
     carry: Carry | None = None,
+    common: torch.Tensor | None = None,
 ) -> EditResult:
     """Edit ``frames`` ``(B, F, 3, H, W)`` in [-1, 1] (any device; moved a chunk at a time)
     with ``model`` (a Gen-1 model or an SD checkpoint: ``model.editing.interface``) toward
@@ -163,7 +167,9 @@ def edit_video(
     ``control``: ControlNet units with their hints (``model.sd.control``; SD models only),
     acting with every method, sampler, window and mask. ``carry``: frames already made
     (``Carry``; a sequential long edit's anchors and overlap), kept fixed; the result's
-    ``frames`` are then only the other frames, in order.
+    ``frames`` are then only the other frames, in order. ``common`` ``(B, 1, C, h, w)``: the
+    part of the starting noise the frames share (the method's, e.g. PYoCo's mixed noise, one
+    shared draw for mov2mov), given by a long edit so that every window shares the same.
     Raises ``ValueError`` for settings out of range, a method the model does not run, a
     frame size that is not a multiple of the VAE's factor, or hints that do not fit.
     """
@@ -218,12 +224,13 @@ def edit_video(
             source = encode_frames(
                 model.vae, frames[:, new], settings.chunk_size, device, generator
             )
-        noise = method.noise(shape, settings, generator, frames.float().cpu()).to(device)
+        noise = method.noise(shape, settings, generator, frames.float().cpu(), common).to(device)
         if needs_source and source is None:
             source = encode_frames(model.vae, frames[:, new], settings.chunk_size, device)
         if mask is not None:
             small_mask = latent_mask(mask, size).to(device)
         if carry is not None:
+            user_mask = small_mask
             noise, source, small_mask = with_carry(carry, noise, source, small_mask, new)
         denoiser = method.denoiser(model, settings, progress)
         step_kwargs = sampler_kwargs(sampler, settings.eta, generator)
@@ -244,6 +251,7 @@ def edit_video(
             factor=factor,
             settings=settings,
             disable=not progress,
+            release=None if carry is None else carry_release(carry, sigmas, settings, user_mask),
         )
         latents = method.render(sampling)  # one sampling run, or one per frame (the method's)
         if sigmas[-1] > 0:  # latents at the last sigma, back to the model's DDPM space
@@ -265,6 +273,27 @@ def edit_video(
         latents=latents.float(),
         noise=noise,
     )
+
+
+def carry_release(
+    carry: Carry, sigmas: torch.Tensor, settings: EditSettings, user_mask: torch.Tensor | None
+) -> Release | None:
+    """When each carried frame is let go: after ``carry.hold`` of the steps the run takes
+    (never for a frame held throughout, nor for the frames made here, whose kept regions are
+    a user's mask); let go, a frame keeps only what the user's mask ``(B, F or 1, 1, h, w)``
+    keeps."""
+    if carry.hold is None:
+        return None
+    n = len(sigmas) - 1
+    run = sigmas[n - sdedit_steps(n, settings.strength) :]
+    steps = len(run) - 1
+    at = (carry.hold.cpu().float() * steps).round().long().clamp(0, steps)
+    release = torch.where(
+        carry.known.cpu() & (at < steps), run.cpu()[at] + 1e-6, torch.full_like(run.cpu()[at], -1)
+    )
+    release = release.view(1, -1, 1, 1, 1).to(sigmas.device)
+    mask = torch.ones_like(release) if user_mask is None else user_mask
+    return Release(release, mask)
 
 
 def carry_new_frames(carry: Carry | None, num_frames: int) -> torch.Tensor:

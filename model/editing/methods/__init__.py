@@ -61,8 +61,8 @@ class Composed:
             for role in ("noise", "denoiser", "render")
         }
 
-    def noise(self, shape, settings: Any, generator, frames=None) -> torch.Tensor:
-        return self.of["noise"].noise(shape, settings, generator, frames)
+    def noise(self, shape, settings: Any, generator, frames=None, common=None) -> torch.Tensor:
+        return self.of["noise"].noise(shape, settings, generator, frames, common)
 
     def step_noise(self, shape, generator, device):
         return self.of["noise"].step_noise(shape, generator, device)

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import torch
 
-from model.diffusion.guidance import sample
+from model.diffusion.guidance import Release, sample
 from model.diffusion.samplers import DiscreteDenoiser
 from model.diffusion.windows import slice_frames
 
@@ -25,11 +25,17 @@ class EditMethod(Protocol):
     roles: frozenset[str]  # what it decides, for compositions: noise, denoiser, render
 
     def noise(
-        self, shape: tuple[int, ...], settings: Any, generator, frames: torch.Tensor | None = None
+        self,
+        shape: tuple[int, ...],
+        settings: Any,
+        generator,
+        frames: torch.Tensor | None = None,
+        common: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Unit Gaussian starting noise ``(B, F, C, h, w)`` on the CPU, drawn from
         ``generator``; ``frames`` ``(B, F, 3, H, W)`` in [-1, 1] are the input (for methods
-        that follow its motion)."""
+        that follow its motion); ``common`` ``(B, 1, C, h, w)``, when given, is the part the
+        frames share (a long edit's, the same in every window) instead of a fresh draw."""
         ...
 
     def denoiser(self, model: Any, settings: Any, progress: bool = False):
@@ -84,6 +90,7 @@ class SamplingRun:
     settings: Any
     disable: bool = True
     info: dict = field(default_factory=dict)
+    release: Release | None = None  # when kept frames go (guidance.MaskedDenoiser)
 
     def sample(self) -> torch.Tensor:
         """One sampling run of the whole video as it stands."""
@@ -95,6 +102,7 @@ class SamplingRun:
             source=self.source,
             strength=self.strength,
             mask=self.mask,
+            release=self.release,
             extra_args=self.extra_args,
             disable=self.disable,
             **self.sampler_kwargs,
@@ -114,6 +122,7 @@ class SamplingRun:
             noise=self.noise[:, frames],
             source=None if self.source is None else self.source[:, frames],
             mask=None if self.mask is None else slice_frames(self.mask, frames, shape),
+            release=None if self.release is None else self.release.frames(frames),
             extra_args=slice_frames(self.extra_args, frames, shape),
             sampler_kwargs=kwargs,
             frames=self.frames[:, frames],

@@ -24,9 +24,14 @@ class Gen1Method:
     frames_independent = False
 
     def noise(
-        self, shape: tuple[int, ...], settings: Any, generator, frames: torch.Tensor | None = None
+        self,
+        shape: tuple[int, ...],
+        settings: Any,
+        generator,
+        frames: torch.Tensor | None = None,
+        common: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return frame_noise(shape, settings.noise_correlation, generator)
+        return frame_noise(shape, settings.noise_correlation, generator, common)
 
     def denoiser(self, model: Any, settings: Any, progress: bool = False) -> WindowedDenoiser:
         return WindowedDenoiser(

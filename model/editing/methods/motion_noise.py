@@ -32,18 +32,23 @@ def motion_positions(frames: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def motion_noise(
-    shape: tuple[int, ...], frames: torch.Tensor, generator: torch.Generator | None = None
+    shape: tuple[int, ...],
+    frames: torch.Tensor,
+    generator: torch.Generator | None = None,
+    common: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Starting noise ``(B, F, C, h, w)``, unit Gaussian per frame: one draw for frame 0,
-    moved along the motion of ``frames`` ``(B, F, 3, H, W)`` to every later frame (the
-    uncovered region from fresh draws). ``ValueError`` when the frames do not match ``shape``."""
+    """Starting noise ``(B, F, C, h, w)``, unit Gaussian per frame: one draw for frame 0
+    (``common`` ``(B, 1, C, h, w)`` when given), moved along the motion of ``frames``
+    ``(B, F, 3, H, W)`` to every later frame (the uncovered region from fresh draws).
+    ``ValueError`` when the frames do not match ``shape``."""
     batch, num_frames, channels, h, w = shape
     if frames.shape[:2] != (batch, num_frames) or frames.shape[-1] % w or frames.shape[-2] % h:
         raise ValueError(f"frames {tuple(frames.shape)} do not match the latents {shape}")
     factor = frames.shape[-1] // w
     positions = motion_positions(frames, factor)
     noise = torch.empty(shape)
-    noise[:, 0] = torch.randn((batch, channels, h, w), generator=generator)
+    first = torch.randn((batch, channels, h, w), generator=generator)
+    noise[:, 0] = common[:, 0] if common is not None else first
     for k in range(1, num_frames):
         fresh = torch.randn((batch, channels, h, w), generator=generator)
         for b in range(batch):
@@ -59,11 +64,16 @@ class MotionNoise(Mov2Mov):
     roles = frozenset({"noise"})
 
     def noise(
-        self, shape: tuple[int, ...], settings: Any, generator, frames: torch.Tensor | None = None
+        self,
+        shape: tuple[int, ...],
+        settings: Any,
+        generator,
+        frames: torch.Tensor | None = None,
+        common: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if frames is None:
             raise ValueError("motion_noise follows the input's motion: it needs the frames")
-        return motion_noise(shape, frames, generator)
+        return motion_noise(shape, frames, generator, common)
 
     def describe(self, settings: Any) -> dict:
         return {"motion": "phase correlation of consecutive input frames, whole latent pixels"}

@@ -33,10 +33,17 @@ class Mov2Mov:
     frames_independent = True
 
     def noise(
-        self, shape: tuple[int, ...], settings: Any, generator, frames: torch.Tensor | None = None
+        self,
+        shape: tuple[int, ...],
+        settings: Any,
+        generator,
+        frames: torch.Tensor | None = None,
+        common: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, count, *rest = shape
-        shared = torch.randn((batch, 1, *rest), generator=generator)
+        shared = (
+            common if common is not None else torch.randn((batch, 1, *rest), generator=generator)
+        )
         return shared.expand(batch, count, *rest).contiguous()
 
     def step_noise(self, shape: tuple[int, ...], generator, device):
