@@ -12,6 +12,14 @@ to 3L, within 10%).
 Each length runs ``repeats`` times in fresh processes (interleaved); the table shows the least
 peak memory and the best time seen, on the CPU with one thread.
 
+    python bench/infer.py --long [--lengths 16 64 256 1500] [--steps 2]
+
+edits videos of 16 to 1,500 frames both ways (``window.mode``): ``blend`` (every frame
+sampled together, the input and the latents of the whole video in memory) and
+``sequential`` (``model.editing.long``: window after window, frames made from their index
+as a reader would decode them, the output handed on and dropped as a writer would take it).
+One fresh process per (mode, length), one thread; peak memory above the model's and time.
+
     python bench/infer.py --profile [--cold] [--cases bundled sd15] [--frames 8] [--threads N]
 
 prints instead where an edit's time goes, in seconds per frame: media decode, CLIP, MiDaS,
@@ -24,6 +32,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -81,6 +90,56 @@ def worker(device: str, frames: int, window: int, steps: int, iters: int) -> dic
     return {"peak_mib": peak, "time_s": seconds, "window_calls": calls[0]}
 
 
+def long_worker(mode: str, frames: int, window: int, steps: int) -> dict:
+    """Peak memory and time of one ``mode`` edit of a ``frames``-frame video (64x64)."""
+    from model.editing.long import edit_long_video
+
+    torch.set_num_threads(1)
+    gen1 = tiny_gen1("cpu")
+    midas = build_depth({"name": "midas_tiny", "chunk_size": window})
+
+    def read(indices: list[int]) -> torch.Tensor:  # frame k is the same whatever the window
+        frames = [
+            torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(k)) for k in indices
+        ]
+        return torch.stack(frames)[None] * 2 - 1
+
+    content = gen1.encode_content(read([0])[:, 0])
+    settings = EditSettings(steps=steps, window_length=window, window_overlap=2, chunk_size=window)
+    generator = torch.Generator().manual_seed(0)
+
+    def edit():
+        if mode == "blend":
+            edit_video(gen1, read(list(range(frames))), content, settings,
+                       depth_estimator=midas, generator=generator)  # fmt: skip
+        else:
+            edit_long_video(gen1, frames, read, content, settings, lambda *out: None,
+                            depth_estimator=midas, generator=generator)  # fmt: skip
+
+    start = time.perf_counter()
+    peak = peak_memory_mib(edit, "cpu")  # one call, timed as it runs
+    return {"peak_mib": peak, "time_s": time.perf_counter() - start}
+
+
+def run_long(lengths: list[int], window: int, steps: int) -> None:
+    """The table of ``--long``: blend and sequential at every length."""
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
+    rows = []
+    for frames in lengths:
+        for mode in ("blend", "sequential"):
+            args = ["long", mode, str(frames), str(window), str(steps)]
+            result = run_worker(__file__, args)
+            rows.append({
+                "frames": frames, "mode": mode, "peak_mib": f"{result['peak_mib']:.1f}",
+                "time_s": f"{result['time_s']:.1f}",
+                "ms/frame": f"{1e3 * result['time_s'] / frames:.0f}",
+            })  # fmt: skip
+            print(rows[-1], flush=True)
+    print(f"\ncpu, one thread: tiny Gen-1 (random weights), {SIZE}x{SIZE}, windows of {window} "
+          f"frames, overlap 2, anchor frame 0, {steps} DPM++ 2M steps, w=7.5, w_t=1")  # fmt: skip
+    print_table(rows, ["frames", "mode", "time_s", "ms/frame", "peak_mib"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=8, help="window length L")
@@ -93,7 +152,16 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8, help="--profile: frames of the sd15 case")
     parser.add_argument("--threads", type=int, default=0, help="--profile: 0 the default")
     parser.add_argument("--worker", nargs="+")
+    parser.add_argument("--long", action="store_true", help="blend vs sequential, 16-1500 frames")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1500])
     args = parser.parse_args()
+    if args.worker and args.worker[0] == "long":
+        _, mode, frames, window, steps = args.worker
+        print(json.dumps(long_worker(mode, int(frames), int(window), int(steps))))
+        return
+    if args.long:
+        run_long(args.lengths, args.window, args.steps)
+        return
     if args.worker and args.worker[0] == "profile":
         _, case, cold, frames, threads = args.worker
         print(json.dumps(edit_profile.worker(case, cold == "1", int(frames), int(threads))))

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model.editing.pipeline import Carry, decode_latents, edit_video
-from model.editing.precision import autocast
+from model.editing.precision import autocast, inference_weights
 from model.editing.settings import EditSettings
 
 
@@ -151,10 +151,26 @@ def edit_long_video(
         windows=[(w.new[0], w.new[-1] + 1) for w in windows],
         anchors=sorted({int(a) for a in anchors}),
     )
+    bar = tqdm(windows, desc="long edit (windows)", disable=not progress, unit="window")
+    # Weights prepacked once for the whole edit, not once per window (edit_video would).
+    estimator = depth_estimator if depth_estimator is not None else model.depth
+    networks = [model.sampling_unet(), model.vae, estimator if read_depth is None else None]
+    with inference_weights(settings, autocast_dtype, *networks):
+        return _edit_windows(
+            model, windows, bar, read_frames, content, replace(settings, prepack=False),
+            sink, result, anchors, read_depth, read_mask, content_of, control_of,
+            depth_estimator, generator, autocast_dtype, hold,
+        )  # fmt: skip
+
+
+def _edit_windows(
+    model, windows, bar, read_frames, content, settings, sink, result, anchors, read_depth,
+    read_mask, content_of, control_of, depth_estimator, generator, autocast_dtype, hold,
+) -> LongEditResult:  # fmt: skip
+    """The loop of ``edit_long_video``, its arguments checked and its weights prepared."""
     made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # frame -> (latents, noise)
     pending: dict[int, torch.Tensor] = {}  # frames held back for the seam: their latents
     common = None  # the noise every window's frames share (drawn with the first window)
-    bar = tqdm(windows, desc="long edit (windows)", disable=not progress, unit="window")
     for i, window in enumerate(bar):
         frames = window.frames
         carry = None
