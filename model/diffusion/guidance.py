@@ -34,14 +34,14 @@ class Gen1Guidance:
         self.w = float(w)
         self.w_t = float(w_t)
 
-    def branches(self) -> list[tuple[str, bool, float]]:
-        """``(content, temporal, coefficient)`` of each branch that is computed."""
-        all_branches = [
-            ("uncond", False, 1.0 - self.w_t),
-            ("uncond", True, self.w_t - self.w),
-            ("cond", True, self.w),
-        ]
-        return [b for b in all_branches if b[2] != 0.0]
+    def branches(self, w=None, w_t=None) -> list[tuple[str, bool, float | torch.Tensor]]:
+        """``(content, temporal, coefficient)`` of each branch that is computed (``w``,
+        ``w_t``: per-frame values, else the guidance's own); a coefficient that is 0 for
+        every frame drops its branch."""
+        w = self.w if w is None else w
+        w_t = self.w_t if w_t is None else w_t
+        all_branches = [("uncond", False, 1.0 - w_t), ("uncond", True, w_t - w), ("cond", True, w)]
+        return [b for b in all_branches if bool(torch.as_tensor(b[2]).ne(0).any())]
 
     def __call__(
         self,
@@ -55,8 +55,9 @@ class Gen1Guidance:
         cond = dict(cond or {})
         if "temporal" in cond or "temporal" in (uncond or {}):
             raise ValueError("Gen1Guidance sets 'temporal' itself; remove it from cond/uncond")
+        w, w_t = per_frame_scale(cond, "w", self.w), per_frame_scale(cond, "w_t", self.w_t)
         kwargs_of = {"cond": cond, "uncond": {**cond, **(uncond or {})}}
-        branches = self.branches()  # never empty: the coefficients sum to 1
+        branches = self.branches(w, w_t)  # never empty: the coefficients sum to 1
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device).expand(batch)
         merged = batch_branches([kwargs_of[content] for content, _, _ in branches], batch)
@@ -107,7 +108,8 @@ class ClassifierFreeGuidance:
     ) -> torch.Tensor:
         """Guided x0 at ``(x, sigma)``; ``uncond`` overrides keys of ``cond`` (e.g. ``context``)."""
         cond = dict(cond or {})
-        if self.w == 1.0:
+        w = per_frame_scale(cond, "w", self.w)
+        if not isinstance(w, torch.Tensor) and w == 1.0:
             return self.denoiser(x, sigma, **cond)
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device).expand(batch)
@@ -115,7 +117,15 @@ class ClassifierFreeGuidance:
         out_uncond, out_cond = self.denoiser(
             torch.cat([x, x]), torch.cat([sigma, sigma]), **merged
         ).chunk(2)
-        return out_uncond + self.w * (out_cond - out_uncond)
+        return out_uncond + w * (out_cond - out_uncond)
+
+
+def per_frame_scale(cond: dict, name: str, default: float) -> float | torch.Tensor:
+    """A guidance scale given per frame in ``cond`` (``guidance_<name>``, ``(B, F, 1, 1, 1)``:
+    a keyframe schedule, sliced with the frames by windows), removed from it; else
+    ``default``."""
+    value = cond.pop(f"guidance_{name}", None)
+    return default if value is None else value
 
 
 @dataclass

@@ -50,10 +50,12 @@ def taper_weights(
 
 
 def slice_frames(value, frames: slice, video_shape: torch.Size):
-    """``value`` restricted to ``frames``: tensors shaped like a video of ``video_shape`` (same
-    rank, same batch and frame count) are sliced on dim 1; dicts are walked; all else passes."""
+    """``value`` restricted to ``frames``: per-frame tensors (batch and frame count first,
+    four dimensions or more: a video's latents and conditioning, a per-frame context ``(B, F,
+    tokens, D)``) are sliced on dim 1; dicts are walked; all else passes (a clip's context
+    ``(B, tokens, D)`` has three)."""
     if isinstance(value, torch.Tensor):
-        if value.ndim == len(video_shape) and value.shape[:2] == video_shape[:2]:
+        if value.ndim >= 4 and value.shape[:2] == video_shape[:2]:
             return value[:, frames]
         return value
     if isinstance(value, Mapping):

@@ -12,7 +12,8 @@ decoding the latents a chunk of frames at a time. No files are read or written h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +154,7 @@ def edit_video(
     control: Control | None = None,
     carry: Carry | None = None,
     common: torch.Tensor | None = None,
+    schedule: Mapping[str, torch.Tensor] | None = None,
 ) -> EditResult:
     """Edit ``frames`` ``(B, F, 3, H, W)`` in [-1, 1] (any device; moved a chunk at a time)
     with ``model`` (a Gen-1 model or an SD checkpoint: ``model.editing.interface``) toward
@@ -170,9 +172,17 @@ def edit_video(
     ``frames`` are then only the other frames, in order. ``common`` ``(B, 1, C, h, w)``: the
     part of the starting noise the frames share (the method's, e.g. PYoCo's mixed noise, one
     shared draw for mov2mov), given by a long edit so that every window shares the same.
+    ``schedule``: settings per frame, ``(F,)`` tensors (``model.editing.keyframes``) of any
+    of ``t_s`` (rounded), ``w``, ``w_t`` and ``strength`` (each frame starts its SDEdit at
+    its own step: held to its noised source until then); content per frame is given as
+    ``content`` with a frame axis (Gen-1 ``(B or 1, F, 1, D)``, SD hidden states ``(1, F,
+    tokens, D)``).
     Raises ``ValueError`` for settings out of range, a method the model does not run, a
     frame size that is not a multiple of the VAE's factor, or hints that do not fit.
     """
+    schedule = dict(schedule or {})
+    if "strength" in schedule:  # the run starts where the strongest frame does
+        settings = replace(settings, strength=float(schedule["strength"].max()))
     method = resolve_method(model, settings.method)
     unet = model.sampling_unet()
     check_settings(settings, temporal_frame_limit(unet))
@@ -200,11 +210,15 @@ def edit_video(
             depth=None if depth is None else depth.float(),
             frames=frames,
             mask=mask,
-            t_s=settings.t_s,
+            t_s=schedule["t_s"].round().long()[None] if "t_s" in schedule else settings.t_s,
             chunk_size=settings.chunk_size,
             frames_independent=method.frames_independent,
         )
         cond = {**cond, **method.cond_extra()}
+        for name in ("w", "w_t"):  # per-frame guidance scales, read by the guidance
+            if name in schedule:
+                scale = schedule[name].float().view(1, num_frames, 1, 1, 1)
+                cond[f"guidance_{name}"] = scale.expand(batch, -1, -1, -1, -1).to(device)
         sampler, schedule_name = resolve_sampler(settings.sampler, settings.schedule)
         sigmas = get_sigmas(schedule_name, settings.steps, model.schedule, device=device)
         if not settings.set_alpha_to_one:  # end on t = 0's noise level, as SD's DDIM configs
@@ -220,6 +234,7 @@ def edit_video(
         new = carry_new_frames(carry, num_frames)
         source, small_mask = None, None
         needs_source = settings.strength < 1.0 or mask is not None or carry is not None
+        needs_source = needs_source or "strength" in schedule
         if needs_source and settings.source_latents == "sample":  # drawn first, as diffusers
             source = encode_frames(
                 model.vae, frames[:, new], settings.chunk_size, device, generator
@@ -229,9 +244,13 @@ def edit_video(
             source = encode_frames(model.vae, frames[:, new], settings.chunk_size, device)
         if mask is not None:
             small_mask = latent_mask(mask, size).to(device)
+        user_mask, release = small_mask, None
         if carry is not None:
-            user_mask = small_mask
             noise, source, small_mask = with_carry(carry, noise, source, small_mask, new)
+        if (carry is not None and carry.hold is not None) or "strength" in schedule:
+            release, small_mask = frame_release(
+                sigmas, settings, shape, user_mask, small_mask, carry, schedule.get("strength")
+            )
         denoiser = method.denoiser(model, settings, progress)
         step_kwargs = sampler_kwargs(sampler, settings.eta, generator)
         step_noise = method.step_noise(shape, generator, device)
@@ -251,7 +270,7 @@ def edit_video(
             factor=factor,
             settings=settings,
             disable=not progress,
-            release=None if carry is None else carry_release(carry, sigmas, settings, user_mask),
+            release=release,
         )
         latents = method.render(sampling)  # one sampling run, or one per frame (the method's)
         if sigmas[-1] > 0:  # latents at the last sigma, back to the model's DDPM space
@@ -275,25 +294,42 @@ def edit_video(
     )
 
 
-def carry_release(
-    carry: Carry, sigmas: torch.Tensor, settings: EditSettings, user_mask: torch.Tensor | None
-) -> Release | None:
-    """When each carried frame is let go: after ``carry.hold`` of the steps the run takes
-    (never for a frame held throughout, nor for the frames made here, whose kept regions are
-    a user's mask); let go, a frame keeps only what the user's mask ``(B, F or 1, 1, h, w)``
-    keeps."""
-    if carry.hold is None:
-        return None
+def frame_release(
+    sigmas: torch.Tensor,
+    settings: EditSettings,
+    shape: tuple[int, ...],
+    user_mask: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    carry: Carry | None = None,
+    strength: torch.Tensor | None = None,
+) -> tuple[Release, torch.Tensor]:
+    """When each frame's kept region is let go, and the latent mask to start from: a carried
+    frame after ``carry.hold`` of the steps the run takes (held throughout without it); a
+    frame of lower ``strength`` ``(F,)`` than the run's at the step its own SDEdit starts,
+    held to its noised source until then (mask 0). Let go, a frame keeps what the user's
+    mask ``(B, F or 1, 1, h, w)`` keeps, nothing without one."""
+    batch, num_frames = shape[:2]
     n = len(sigmas) - 1
-    run = sigmas[n - sdedit_steps(n, settings.strength) :]
+    run = sigmas[n - sdedit_steps(n, settings.strength) :].cpu()
     steps = len(run) - 1
-    at = (carry.hold.cpu().float() * steps).round().long().clamp(0, steps)
-    release = torch.where(
-        carry.known.cpu() & (at < steps), run.cpu()[at] + 1e-6, torch.full_like(run.cpu()[at], -1)
-    )
-    release = release.view(1, -1, 1, 1, 1).to(sigmas.device)
-    mask = torch.ones_like(release) if user_mask is None else user_mask
-    return Release(release, mask)
+    at = torch.full((num_frames,), steps)  # the step each frame is let go at (steps: never)
+    known = torch.zeros(num_frames, dtype=torch.bool)
+    if carry is not None:
+        known = carry.known.cpu()
+        if carry.hold is not None:
+            held = (carry.hold.cpu().float() * steps).round().long().clamp(0, steps)
+            at = torch.where(known, held, at)
+    if mask is None:
+        mask = torch.ones(batch, num_frames, 1, *shape[-2:], device=sigmas.device)
+    mask = mask.expand(batch, num_frames, -1, -1, -1).clone()
+    if strength is not None:
+        own = torch.tensor([steps - sdedit_steps(n, float(s)) for s in strength.cpu()])
+        later = ~known & (own > 0)
+        at = torch.where(later, own.clamp(max=steps), at)
+        mask[:, later.to(mask.device)] = 0.0  # held to the source until their own start
+    sigma = torch.where(at < steps, run[at.clamp(max=steps)] + 1e-6, torch.full_like(run[at], -1))
+    after = torch.ones_like(mask) if user_mask is None else user_mask.expand_as(mask)
+    return Release(sigma.view(1, -1, 1, 1, 1).to(sigmas.device), after), mask
 
 
 def carry_new_frames(carry: Carry | None, num_frames: int) -> torch.Tensor:

@@ -192,7 +192,8 @@ class UNet(nn.Module):
     ) -> torch.Tensor:
         """Predict the model's output (eps or v) for images or videos.
 
-        ``context`` is ``(B, tokens, D)``; ``y`` the class or ``label_emb`` input ``(B, ...)``.
+        ``context`` is ``(B, tokens, D)``, for videos also per frame ``(B, F, tokens, D)``;
+        ``y`` the class or ``label_emb`` input ``(B, ...)``.
         ``anchors`` (videos ``(B, F, ...)`` only), a long tensor ``(F, A)``, makes every spatial
         self-attention cross-frame: frame k attends to the tokens of frames ``anchors[k]``
         (``model.nets.frames.Frames``); it works with the temporal layers on or off.
@@ -222,7 +223,9 @@ class UNet(nn.Module):
         if video:
             x = x.flatten(0, 1)
             timesteps = repeat(timesteps, "b -> (b f)", f=num_frames)
-            if context is not None:
+            if context is not None and context.ndim == 4:  # per frame (B, F, n, d): keyframes
+                context = context.flatten(0, 1)
+            elif context is not None:
                 context = repeat(context, "b n d -> (b f) n d", f=num_frames)
             if y is not None:
                 y = y.repeat_interleave(num_frames, dim=0)

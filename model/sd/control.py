@@ -93,7 +93,10 @@ class Control:
         t = torch.as_tensor(t, device=x.device).expand(batch)
         flat_x = x.flatten(0, 1)
         flat_t = repeat(t, "b -> (b f)", f=frames)
-        flat_context = None if context is None else context.repeat_interleave(frames, dim=0)
+        if context is not None and context.ndim == 4:  # per frame (B, F, tokens, D)
+            flat_context = context.flatten(0, 1)
+        else:
+            flat_context = None if context is None else context.repeat_interleave(frames, dim=0)
         flat_hints = hints.flatten(0, 1)
         total, offset = None, 0
         for unit in self.units:

@@ -209,8 +209,13 @@ class StableDiffusion(nn.Module):
                 "an SD model is conditioned on a prompt: pass model.encode_prompt(prompt, "
                 f"negative_prompt), not {type(content).__name__}"
             )
-        cond = {"context": content.cond.to(device).float().expand(batch, -1, -1)}
-        uncond = {"context": content.uncond.to(device).float().expand(batch, -1, -1)}
+        # hidden states (1, tokens, D), or per frame (1, F, tokens, D): a keyframe schedule
+        cond_states, uncond_states = content.cond.to(device).float(), content.uncond.to(device)
+        cond = {"context": cond_states.expand(batch, *cond_states.shape[1:])}
+        uncond_states = uncond_states.float().expand(batch, *uncond_states.shape[1:])
+        if uncond_states.ndim < cond_states.ndim:  # one negative prompt for every frame
+            uncond_states = uncond_states[:, None].expand_as(cond["context"])
+        uncond = {"context": uncond_states}
         if self.config.conditioning == "depth":
             if depth is None:
                 raise ValueError("an SD 2-depth edit needs the frames' depth")

@@ -1,0 +1,115 @@
+"""Keyframes (model.editing.keyframes): interpolation, parsing, and per-frame settings in the
+pipeline, each with an identity case (a constant schedule equals the plain edit) and a case
+that fails if the schedule were ignored. The tiny Gen-1 at 32x32, 2 steps."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.editing.keyframes import (
+    content_schedule,
+    parse_keyframes,
+    scalar_schedule,
+    slerp,
+)
+from model.editing.pipeline import edit_video
+from model.editing.settings import EditSettings
+from tests.test_editing import content_of, tiny_gen1, video
+
+SETTINGS = EditSettings(steps=2, w=3.0, window_length=4, window_overlap=1, prepack=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gen1(temporal=True)
+
+
+def test_scalars_move_linearly_between_keyframes_and_hold_outside():
+    keys = parse_keyframes([{"frame": 2, "w": 1.0}, {"frame": 6, "w": 5.0}, {"frame": 4}])
+    values = scalar_schedule(keys, "w", 7.5, range(9))
+    assert values.tolist() == [1, 1, 1, 2, 3, 4, 5, 5, 5]
+    assert scalar_schedule(keys, "t_s", 3, range(3)).tolist() == [3, 3, 3]  # none gives it
+
+
+def test_slerp_keeps_the_endpoints_and_moves_along_the_sphere():
+    a, b = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 4.0])
+    torch.testing.assert_close(slerp(a, b, torch.tensor(0.0)), a)
+    torch.testing.assert_close(slerp(a, b, torch.tensor(1.0)), b)
+    mid = slerp(a, b, torch.tensor(0.5))
+    torch.testing.assert_close(mid, torch.tensor([3.0, 3.0]) / 2**0.5 * 1.0)  # 45 deg, norm 3
+    embeddings = torch.stack([a, b])[:, None]  # (K, 1, D)
+    frames = content_schedule([0, 10], embeddings, [0, 5, 10, 12])
+    assert frames.shape == (4, 1, 2)
+    torch.testing.assert_close(frames[1, 0], mid)
+    torch.testing.assert_close(frames[3, 0], b)
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ([{"frame": 0, "colour": 1}], "unknown key 'colour'"),
+        ([{"prompt": "x"}], "frame must be a frame number"),
+        ([{"frame": 0}, {"frame": 0}], "given twice"),
+        ([{"frame": 9}], "outside the 8 edited"),
+        ([{"frame": 0, "prompt": "a", "reference": "b.png"}], "not both"),
+        ([{"frame": 0, "strength": 1.5}], "strength must be in"),
+        ([{"frame": 0, "w_t": "high"}], "w_t must be a number"),
+    ],
+)
+def test_bad_keyframes_are_one_line(entries, message):
+    with pytest.raises(ValueError, match=message):
+        parse_keyframes(entries, num_frames=8)
+
+
+def edit(model, frames, depth, content, settings=SETTINGS, **kwargs):
+    return edit_video(
+        model, frames, content, settings, depth=depth,
+        generator=torch.Generator().manual_seed(5), **kwargs,
+    ).frames  # fmt: skip
+
+
+def test_a_constant_schedule_equals_the_plain_edit(model):
+    frames, depth = video(6)
+    content = content_of(model, frames)
+    settings = dataclasses.replace(SETTINGS, strength=0.5, w_t=1.5, t_s=2)
+    plain = edit(model, frames, depth, content, settings)
+    schedule = {
+        "w": torch.full((6,), 3.0),
+        "w_t": torch.full((6,), 1.5),
+        "t_s": torch.full((6,), 2.0),
+        "strength": torch.full((6,), 0.5),
+    }
+    per_frame = content[:, None].expand(1, 6, 1, -1)
+    scheduled = edit(model, frames, depth, per_frame, settings, schedule=schedule)
+    torch.testing.assert_close(scheduled, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("key", ["w", "w_t", "t_s", "content"])
+def test_a_value_given_at_one_frame_changes_the_edit(model, key):
+    frames, depth = video(6)
+    content = content_of(model, frames)
+    plain = edit(model, frames, depth, content, dataclasses.replace(SETTINGS, w_t=1.5))
+    schedule, per_frame = {}, content
+    if key == "content":
+        per_frame = content[:, None].repeat(1, 6, 1, 1)
+        per_frame[:, 5] = content_of(model, frames[:, 3:]) * 3
+    else:
+        base = {"w": 3.0, "w_t": 1.5, "t_s": 3.0}[key]
+        schedule[key] = torch.full((6,), base)
+        schedule[key][5] = base + 2
+    out = edit(model, frames, depth, per_frame, dataclasses.replace(SETTINGS, w_t=1.5),
+               schedule=schedule)  # fmt: skip
+    assert (out[:, 5] - plain[:, 5]).abs().max() > 1e-3
+
+
+def test_each_frame_starts_at_its_own_strength(model):
+    """strength 0 at a frame returns its source through the VAE (as a strength-0 edit);
+    the strongest frame is edited."""
+    frames, depth = video(4)
+    content = content_of(model, frames)
+    schedule = {"strength": torch.tensor([0.0, 0.5, 1.0, 1.0])}
+    out = edit(model, frames, depth, content, schedule=schedule)
+    untouched = edit(model, frames, depth, content, dataclasses.replace(SETTINGS, strength=0.0))
+    torch.testing.assert_close(out[:, 0], untouched[:, 0], atol=1e-5, rtol=0)
+    assert (out[:, 2] - untouched[:, 2]).abs().mean() > 0.05
