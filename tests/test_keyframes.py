@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+import infer
 from model.editing.keyframes import (
     content_schedule,
     parse_keyframes,
@@ -15,7 +16,11 @@ from model.editing.keyframes import (
 )
 from model.editing.pipeline import edit_video
 from model.editing.settings import EditSettings
+from tests import test_infer
 from tests.test_editing import content_of, tiny_gen1, video
+from tests.test_infer import FAST, config
+
+files = test_infer.files  # the media fixture of infer's tests
 
 SETTINGS = EditSettings(steps=2, w=3.0, window_length=4, window_overlap=1, prepack=False)
 
@@ -113,3 +118,55 @@ def test_each_frame_starts_at_its_own_strength(model):
     untouched = edit(model, frames, depth, content, dataclasses.replace(SETTINGS, strength=0.0))
     torch.testing.assert_close(out[:, 0], untouched[:, 0], atol=1e-5, rtol=0)
     assert (out[:, 2] - untouched[:, 2]).abs().mean() > 0.05
+
+
+def test_infer_keyframes_schedule_the_edit_and_the_sidecar_records_it(files, tmp_path):
+    """w moving from 1 to 12 over the 12 frames: the sidecar's schedule is linear, the edit
+    differs from the plain one (w 3 throughout), and a keyframes file (YAML) gives the
+    same edit as the list."""
+    base = [
+        f"input={files / 'clip.mp4'}", f"checkpoint={files / 'tiny.ckpt'}",
+        f"reference={files / 'red.png'}", f"depth={files / 'depth.npy'}", "end=12", *FAST,
+    ]  # fmt: skip
+    keyframes = "keyframes=[{frame: 0, w: 1}, {frame: 11, w: 12}]"
+    plain = infer.run(config(*base, f"output={tmp_path / 'plain.mp4'}"))
+    keyed = infer.run(config(*base, f"output={tmp_path / 'keyed.mp4'}", keyframes))
+    assert keyed["keyframes"]["schedule"]["w"] == [1.0 + k for k in range(12)]
+    assert not torch.equal(plain["result"].frames, keyed["result"].frames)
+    (tmp_path / "keys.yaml").write_text("- {frame: 0, w: 1}\n- {frame: 11, w: 12}\n")
+    from_file = infer.run(
+        config(*base, f"output={tmp_path / 'file.mp4'}", f"keyframes={tmp_path / 'keys.yaml'}")
+    )
+    assert from_file["keyframes"] == keyed["keyframes"], from_file.get("keyframes")
+    assert torch.equal(from_file["result"].frames, keyed["result"].frames)
+
+
+@pytest.mark.parametrize(
+    "keyframes, message",
+    [
+        ("[{frame: 30, w: 2}]", "outside the 12 edited"),
+        ("[{frame: 0, reference: none.png}]", "reference not found"),
+        ("[{frame: 0, tint: 2}]", "unknown key 'tint'"),
+        ("missing.yaml", "keyframes file not found"),
+    ],
+)
+def test_bad_keyframes_through_infer_are_one_line(files, tmp_path, capfd, keyframes, message):
+    cfg = config(
+        f"input={files / 'clip.mp4'}", f"output={tmp_path / 'o.mp4'}",
+        f"checkpoint={files / 'tiny.ckpt'}", "reference_frame=0", "end=12", *FAST,
+        f"keyframes={keyframes}",
+    )  # fmt: skip
+    assert infer.cli(cfg) == 1
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_feathered_mask_video_keeps_the_outside_exactly_and_softens_the_edge(files):
+    from jobs.editing.inputs import feather
+
+    mask = torch.zeros(1, 3, 1, 24, 32)
+    mask[..., 8:] = 1.0  # a moving edge would do the same frame by frame
+    soft = feather(mask, 2.0)
+    assert soft[..., :8].eq(0).all()  # outside: untouched, so the source passes exactly
+    assert 0 < soft[0, 0, 0, 12, 8] < 0.6 and soft[0, 0, 0, 12, 20] > 0.99

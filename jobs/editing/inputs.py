@@ -4,11 +4,13 @@ reference, mask and depth files."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torchvision.transforms.functional import gaussian_blur
 
 from data.audio import AudioTrack
 from data.io import FrameTimes
@@ -23,6 +25,7 @@ from data.media import (
     read_mask,
 )
 from jobs.editing.control import check_control_request, read_hint_files
+from jobs.editing.keyframes import requested_keyframes
 from jobs.editing.request import (
     Geometry,
     InferError,
@@ -72,6 +75,25 @@ def sequential(cfg: DictConfig) -> bool:
     return cfg.window.get("mode", "blend") == "sequential"
 
 
+def feather(mask: torch.Tensor, pixels: float) -> torch.Tensor:
+    """A mask ``(1, F, 1, H, W)`` in [0, 1] with its edge softened inward over about
+    ``pixels`` (a Gaussian blur of that sigma, kept inside the mask: where the mask is 0 it
+    stays 0, so the unmasked region is still passed through exactly)."""
+    if not pixels:
+        return mask
+    size = 2 * math.ceil(3 * pixels) + 1
+    flat = mask.flatten(0, 1).float()
+    soft = gaussian_blur(flat, [size, size], [float(pixels)] * 2).view_as(mask)
+    return soft * mask.float()
+
+
+def read_feathered_mask(cfg: DictConfig, source, indices: list[int], size) -> torch.Tensor | None:
+    """The ``mask`` file (image or video) at the output size, feathered (None: no mask)."""
+    if not cfg.mask:
+        return None
+    return feather(read_mask(cfg.mask, source, indices, size), cfg.mask_feather)
+
+
 def pad(geometry: Geometry, video: torch.Tensor | None) -> torch.Tensor | None:
     """A mask or depth video at the output size, padded to the working size (None passes)."""
     return None if video is None else geometry.pad(video)
@@ -80,6 +102,7 @@ def pad(geometry: Geometry, video: torch.Tensor | None) -> torch.Tensor | None:
 def read_inputs(cfg: DictConfig, kind: str) -> Inputs:
     """Check the request and read every input file; any problem is an InferError."""
     check_request(cfg, kind)
+    requested_keyframes(cfg, kind)  # their keys and files, before any frame is decoded
     check_control_request(cfg, kind)
     try:
         check_settings(edit_settings(cfg))
@@ -103,7 +126,7 @@ def read_inputs(cfg: DictConfig, kind: str) -> Inputs:
         indices=indices,
         frames=None if sequential(cfg) else geometry.pad(read_frames(source, indices, size)),
         reference=read_image(cfg.reference) if cfg.reference is not None else None,
-        mask=pad(geometry, read_mask(cfg.mask, source, indices, size) if cfg.mask else None),
+        mask=pad(geometry, read_feathered_mask(cfg, source, indices, size)),
         depth=pad(geometry, read_depth(cfg.depth, source, indices, size) if cfg.depth else None),
         times=times,
         timing=timing,

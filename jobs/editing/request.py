@@ -135,6 +135,9 @@ def check_request(cfg: DictConfig, kind: str) -> None:
         check_gen1_content(cfg)
     check_paths_and_precision(cfg)
     check_window_mode(cfg)
+    feather = cfg.get("mask_feather", 0)
+    if isinstance(feather, bool) or not isinstance(feather, int | float) or feather < 0:
+        raise InferError(f"mask_feather must be a number of pixels >= 0, got {feather!r}")
 
 
 def check_window_mode(cfg: DictConfig) -> None:

@@ -13,8 +13,9 @@ from omegaconf import DictConfig
 
 from jobs.editing.control import control_units, describe_control
 from jobs.editing.inputs import read_inputs, sequential
+from jobs.editing.keyframes import keyframe_schedule, prompt_route, requested_keyframes
 from jobs.editing.loras import apply_loras, requested_loras
-from jobs.editing.models import content_embedding, load_model
+from jobs.editing.models import content_embedding, load_model, prompt_prior
 from jobs.editing.outputs import describe, output_files
 from jobs.editing.request import (
     checkpoint_kind_of,
@@ -68,6 +69,7 @@ def run(cfg: DictConfig) -> dict:
     resolve_checkpoint_defaults(cfg, kind)
     loras = requested_loras(cfg)  # read and checked before any input is decoded
     inputs = read_inputs(cfg, kind)
+    keys = requested_keyframes(cfg, kind, len(inputs.indices))
     clock.append(time.perf_counter())
     device, dtype = device_and_dtype(cfg)
     model, estimator = load_model(cfg, inputs, device, dtype, kind)
@@ -77,6 +79,13 @@ def run(cfg: DictConfig) -> dict:
     seed = int(cfg.seed) if cfg.seed is not None else secrets.randbelow(2**31)
     announce(cfg, inputs, device, dtype, model.vae.downsample_factor)
     content = content_embedding(cfg, model, inputs, device, dtype, kind, seed)
+    keyframes = None
+    if keys:
+        prior = None
+        if kind != "sd" and cfg.prompt_mode == "prior" and any(k.prompt for k in keys):
+            prior = prompt_prior(cfg, model.clip.embed_dim, device, seed)
+        route = prompt_route(cfg, model, kind, prior)
+        keyframes = keyframe_schedule(cfg, keys, model, kind, content, device, dtype, route)
     edit = dict(
         generator=torch.Generator().manual_seed(seed),
         autocast_dtype=dtype,
@@ -85,10 +94,16 @@ def run(cfg: DictConfig) -> dict:
     )
     with output_files(cfg, inputs, clock[0]) as outputs:
         if sequential(cfg):
-            result = edit_in_windows(cfg, inputs, model, estimator, nets, content, outputs, edit)
+            result = edit_in_windows(
+                cfg, inputs, model, estimator, nets, content, outputs, edit, keyframes
+            )
             clock.append(time.perf_counter())  # the frames were written as they were made
         else:
             positions = list(range(len(inputs.indices)))
+            schedule = None
+            if keyframes is not None:
+                content = keyframes.content_of(positions)
+                schedule = keyframes.schedule_of(positions)
             control = None
             if nets is not None:
                 control = nets.control(
@@ -103,6 +118,7 @@ def run(cfg: DictConfig) -> dict:
                 depth_estimator=estimator,
                 mask=inputs.mask,
                 control=control,
+                schedule=schedule,
                 **edit,
             )
             clock.append(time.perf_counter())
@@ -114,6 +130,8 @@ def run(cfg: DictConfig) -> dict:
         sidecar["lora"] = applied_loras
         if nets is not None:
             sidecar["controlnet"] = describe_control(cfg)
+        if keyframes is not None:
+            sidecar["keyframes"] = keyframes.describe(len(inputs.indices))
         phases = ("read_s", "load_s", "edit_s")
         sidecar["timing"] = {
             k: b - a for k, a, b in zip(phases, clock[:-1], clock[1:], strict=True)
@@ -126,7 +144,7 @@ def _first(video: torch.Tensor | None) -> torch.Tensor | None:
     return None if video is None else video[0]
 
 
-def edit_in_windows(cfg, inputs, model, estimator, nets, content, outputs, edit: dict):
+def edit_in_windows(cfg, inputs, model, estimator, nets, content, outputs, edit, keyframes):
     """A sequential edit (``model.editing.long``): each window's frames read from the input
     file, edited beside the frames carried into it, and written as soon as they are made."""
     window = cfg.window
@@ -154,6 +172,8 @@ def edit_in_windows(cfg, inputs, model, estimator, nets, content, outputs, edit:
         read_depth=part(inputs.depth),
         read_mask=mask_of if inputs.mask is not None else None,
         control_of=control_of if nets is not None else None,
+        content_of=keyframes.content_of if keyframes is not None else None,
+        schedule_of=keyframes.schedule_of if keyframes is not None else None,
         depth_estimator=estimator,
         hold=float(window.hold),
         **edit,

@@ -118,6 +118,7 @@ def edit_long_video(
     read_mask: FrameReader | None = None,
     content_of: Callable[[list[int]], object] | None = None,
     control_of: Callable[[list[int]], object] | None = None,
+    schedule_of: Callable[[list[int]], dict] | None = None,
     depth_estimator: torch.nn.Module | None = None,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -129,7 +130,9 @@ def edit_long_video(
     one window: ``read_frames(indices)`` gives the input frames ``(B, n, 3, H, W)`` in
     [-1, 1] of those indices, ``read_depth`` / ``read_mask`` their depth ``(B, n, 1, H, W)``
     and mask (optional); ``content_of(indices)`` / ``control_of(indices)`` the content and
-    ControlNet units for those frames (default: ``content`` for all, no ControlNet).
+    ControlNet units for those frames (default: ``content`` for all, no ControlNet), and
+    ``schedule_of(indices)`` their per-frame settings (keyframes; ``edit_video``'s
+    ``schedule``).
     ``sink(window, edited, source, depth)`` receives the video's frames in order, as soon as
     they are final: ``edited`` and ``source`` ``(B, n, 3, H, W)`` in [-1, 1] on the CPU,
     ``depth`` ``(B, n, 1, H, W)`` in [-1, 1] (for previews) or None; ``window.new`` names
@@ -159,13 +162,14 @@ def edit_long_video(
         return _edit_windows(
             model, windows, bar, read_frames, content, replace(settings, prepack=False),
             sink, result, anchors, read_depth, read_mask, content_of, control_of,
-            depth_estimator, generator, autocast_dtype, hold,
+            depth_estimator, generator, autocast_dtype, hold, schedule_of,
         )  # fmt: skip
 
 
 def _edit_windows(
     model, windows, bar, read_frames, content, settings, sink, result, anchors, read_depth,
     read_mask, content_of, control_of, depth_estimator, generator, autocast_dtype, hold,
+    schedule_of,
 ) -> LongEditResult:  # fmt: skip
     """The loop of ``edit_long_video``, its arguments checked and its weights prepared."""
     made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # frame -> (latents, noise)
@@ -200,6 +204,7 @@ def _edit_windows(
             control=control_of(frames) if control_of is not None else None,
             carry=carry,
             common=common,
+            schedule=schedule_of(frames) if schedule_of is not None else None,
         )
         # The seam: frames the previous window held back, cross-faded from its latents to
         # this window's (which continued them after ``hold`` of the steps), emitted first.
