@@ -1,6 +1,6 @@
 """Make a release file from a training checkpoint:
 ``python release.py CHECKPOINT.ckpt OUT.safetensors [--no-ema] [--sampling KEY=VALUE ...]``,
-``... --component NAME`` or ``... --format sd|controlnet``.
+``... --component NAME`` or ``... --format sd|controlnet|lora``.
 
 The release holds the EMA UNet (the trained weights with ``--no-ema``) and the frozen parts,
 in fp16, with the model's config as JSON metadata; ``infer.py checkpoint=OUT.safetensors``
@@ -12,8 +12,10 @@ writes the checkpoint of a text-to-image SD trainer (``experiment=tiny_sd``) as 
 SD checkpoint in the original key layout (fp16; the EMA UNet unless ``--no-ema``) with its
 inference ``OUT.yaml`` beside it, as SD checkpoints ship; ``--format controlnet`` writes a
 ControlNet trainer's (``experiment=tiny_controlnet``) ControlNet in the original layout
-(``control_model.*``, fp16, EMA unless ``--no-ema``). Prints the file's sha256. Exit
-status 1 with one line on stderr on failure.
+(``control_model.*``, fp16, EMA unless ``--no-ema``); ``--format lora`` writes a LoRA
+trainer's (``experiment=tiny_lora``) LoRA in kohya's format (``lora_unet_*``, float32, as
+A1111 / ComfyUI load; the base SD file the checkpoint names must be readable; LoRA training
+keeps no EMA). Prints the file's sha256. Exit status 1 with one line on stderr on failure.
 """
 
 from __future__ import annotations
@@ -80,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--format",
-        choices=("gen1", "sd", "controlnet"),
+        choices=("gen1", "sd", "controlnet", "lora"),
         default="gen1",
         help="gen1: a Gen-1 release (default); sd: an SD single file + .yaml (SDTrainer); "
-        "controlnet: a ControlNet in the original layout, control_model.* (ControlNetTrainer)",
+        "controlnet: a ControlNet in the original layout, control_model.* (ControlNetTrainer); "
+        "lora: a kohya LoRA file, lora_unet_* (LoraTrainer)",
     )
     parser.add_argument(
         "--component",
@@ -107,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             from model.training.controlnet_training import release_controlnet
 
             digest = release_controlnet(args.checkpoint, args.output, use_ema=not args.no_ema)
+        elif args.format == "lora":
+            from model.training.lora_training import release_lora
+
+            if args.no_ema:
+                raise ValueError("--no-ema does not apply to --format lora (no EMA is kept)")
+            digest = release_lora(args.checkpoint, args.output)
         else:
             digest = release_from_checkpoint(
                 args.checkpoint, args.output, use_ema=not args.no_ema, sampling=sampling

@@ -12,11 +12,13 @@ by the frozen text encoder. The loss is SD's (``model.diffusion.loss``, eps or v
 ``write_kohya_lora`` writes ``lora_unet_<diffusers path>.lora_down.weight`` /
 ``.lora_up.weight`` / ``.alpha`` with ``ss_*`` metadata as kohya's ``train_network.py`` does,
 which A1111 and ComfyUI load. ``LoraExport`` (a Lightning callback) writes it at the end of
-training (and with every checkpoint).
+training (and with every checkpoint); ``release_lora`` (``release.py --format lora``) writes it
+from a training checkpoint.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -33,7 +35,10 @@ from model.diffusion.loss import training_loss
 from model.nets.blocks import SpatialTransformer
 from model.sd.diffusers_names import unet_names
 from model.sd.loading import load_sd
-from model.weights.atomic import atomic_output
+from model.weights.atomic import atomic_output, file_sha256
+from model.weights.checkpoint import CheckpointError
+from model.weights.pickles import load_data_only
+from model.weights.release import read_training_checkpoint
 
 
 class LoraWeight(nn.Module):
@@ -152,8 +157,10 @@ class LoraTrainer(pl.LightningModule):
             state[f"{stem}.alpha"] = torch.tensor(layer.alpha)
         return state
 
-    def kohya_metadata(self, images: int | None = None) -> dict[str, str]:
-        """kohya ``train_network.py``'s ``ss_*`` metadata, where it means something here."""
+    def kohya_metadata(self, images: int | None = None, steps: int | None = None) -> dict[str, str]:
+        """kohya ``train_network.py``'s ``ss_*`` metadata, where it means something here.
+        ``images``: how many training images; ``steps``: the optimiser steps taken (default
+        the Lightning module's ``global_step``)."""
         h = self.hparams
         config = self.sd.config
         version = "sd_v1" if config.text_kind == "sd1" else "sd_v2"
@@ -172,7 +179,7 @@ class LoraTrainer(pl.LightningModule):
             "ss_unet_lr": str(h.lr),
             "ss_text_encoder_lr": "None",
             "ss_max_train_steps": str(self.trainer.max_steps if self._trainer else ""),
-            "ss_steps": str(self.global_step),
+            "ss_steps": str(self.global_step if steps is None else steps),
             "ss_min_snr_gamma": str(h.min_snr_gamma),
             "ss_seed": str(h.seed),
             "ss_training_started_at": str(self.started),
@@ -186,13 +193,67 @@ class LoraTrainer(pl.LightningModule):
         return metadata
 
 
-def write_kohya_lora(trainer: LoraTrainer, path: str | Path, images: int | None = None) -> Path:
-    """Write ``trainer``'s LoRA as a kohya ``.safetensors`` (atomically) and return its path."""
+def write_kohya_lora(
+    trainer: LoraTrainer, path: str | Path, images: int | None = None, steps: int | None = None
+) -> Path:
+    """Write ``trainer``'s LoRA as a kohya ``.safetensors`` (atomically) and return its path;
+    ``images`` / ``steps`` go to the ``ss_*`` metadata (see ``LoraTrainer.kohya_metadata``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as temp:
-        save_file(trainer.kohya_state(), str(temp), metadata=trainer.kohya_metadata(images))
+        metadata = trainer.kohya_metadata(images, steps)
+        save_file(trainer.kohya_state(), str(temp), metadata=metadata)
     return path
+
+
+LORA_KEY = ".parametrizations.weight.0."  # LoraWeight's parameters in a LoraTrainer state_dict
+
+
+def release_lora(checkpoint: str | Path, output: str | Path) -> str:
+    """A ``LoraTrainer`` checkpoint (``train.py experiment=tiny_lora``) -> its LoRA as a kohya
+    ``.safetensors`` (float32 ``lora_down`` / ``lora_up``, ``alpha``, ``ss_*`` metadata: what
+    ``LoraExport`` writes at that step), written atomically; returns the file's sha256.
+
+    The base SD file the checkpoint names (``model.base``, as given to train.py: relative to
+    the working directory) is read for the layers' diffusers names. Raises
+    ``FileNotFoundError`` (the checkpoint or the base missing), ``CheckpointError`` for a
+    checkpoint of another trainer or whose LoRA does not fit its base (the keys named), and
+    ``ValueError`` if ``output`` is the checkpoint itself.
+    """
+    checkpoint, output = Path(checkpoint), Path(output)
+    if output.resolve() == checkpoint.resolve():
+        raise ValueError(f"the release would overwrite its checkpoint {checkpoint}")
+    state, hparams = read_training_checkpoint(checkpoint)
+    lora = {k: v for k, v in state.items() if LORA_KEY in k}
+    if not lora or not {"base", "instance_prompt", "rank"} <= set(hparams):
+        raise CheckpointError(f"{checkpoint}: not a LoraTrainer checkpoint (no LoRA layers)")
+    if not Path(hparams["base"]).is_file():
+        raise FileNotFoundError(
+            f"{checkpoint}: its base SD file {hparams['base']} (model.base) not found"
+        )
+    known = inspect.signature(LoraTrainer).parameters
+    trainer = LoraTrainer(**{k: v for k, v in hparams.items() if k in known})
+    expected = {k for k in trainer.state_dict() if LORA_KEY in k}
+    missing, unexpected = sorted(expected - set(lora)), sorted(set(lora) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{checkpoint}: its LoRA does not fit {hparams['base']}: missing "
+            f"{', '.join(missing[:3]) or 'none'}; unexpected {', '.join(unexpected[:3]) or 'none'}"
+        )
+    try:
+        trainer.load_state_dict(lora, strict=False)
+    except RuntimeError as err:  # a shape that does not fit
+        raise CheckpointError(
+            f"{checkpoint}: its LoRA does not fit {hparams['base']}: {err}"
+        ) from err
+    write_kohya_lora(trainer, output, steps=_global_step(checkpoint))
+    return file_sha256(output)
+
+
+def _global_step(checkpoint: Path) -> int | None:
+    """The ``global_step`` a Lightning checkpoint records (None if it has none)."""
+    step = load_data_only(checkpoint).get("global_step")
+    return int(step) if isinstance(step, int) else None
 
 
 class LoraExport(pl.Callback):
