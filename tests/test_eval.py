@@ -153,6 +153,9 @@ def test_prompts_compares_the_prior_with_the_raw_text_embedding(release, tmp_pat
         (["mode=methods", "methods.strength=1"], "prev_frame starts each frame's"),
         (["mode=methods", "methods.image=[cross_frame+prev_frame]"], "sampled together"),
         (["mode=methods", "methods.sd_checkpoint=none.safetensors"], "sd_checkpoint not found"),
+        (["mode=methods", "methods.controlnet.file=none.safetensors"], "controlnet.file not found"),
+        (["mode=methods", "methods.controlnet.scale=-1"], "controlnet.scale must be >= 0"),
+        (["mode=methods", "methods.controlnet.image=[gen1]"], "controlnet.image lists image-model"),
     ],
 )
 def test_bad_settings_are_one_line_and_status_1(release, tmp_path, capsys, overrides, message):
@@ -175,17 +178,25 @@ def test_a_model_without_depth_needs_a_midas(release, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_methods_mode_scores_every_method_on_both_models(tmp_path):
-    """mode=methods on the bundled tiny SD and tiny world model: every (model, method) row at
-    both speeds, the table, the CSV and the plot (about a minute on one thread)."""
+def test_methods_mode_scores_every_method_on_every_model(tmp_path):
+    """mode=methods on the bundled tiny SD (alone and with its depth ControlNet) and tiny world
+    model: every (model, method) row at each speed with standard errors over two clips, the
+    paired findings, the table, the CSV and the plot (about a minute on one thread)."""
     out = tmp_path / "methods"
-    cfg = config(f"output_dir={out}", "mode=methods", "methods.num_clips=1", "num_frames=3",
-                 "methods.steps=2", "progress=false")  # fmt: skip
+    cfg = config(f"output_dir={out}", "mode=methods", "methods.num_clips=2", "num_frames=3",
+                 "methods.steps=2", "methods.speeds=[1,4]", "progress=false")  # fmt: skip
     outcome = modes.run(cfg)
     names = ["methods.csv", "methods.json", "methods.md", "methods.png"]
     assert sorted(p.name for p in out.iterdir()) == names
-    assert set(outcome["mean"]) == {"1", "2"}
-    rows = outcome["mean"]["2"]
-    assert len(rows) == 2 * 6 + 1 and "Gen-1 tiny / gen1" in rows
+    assert set(outcome["mean"]) == {"1", "4"}
+    rows = outcome["mean"]["4"]
+    assert len(rows) == 6 + 6 + 7 and "Gen-1 tiny / gen1" in rows
+    assert "tiny SD + ControlNet / cross_frame" in rows
+    assert rows["tiny SD + ControlNet / mov2mov"] != rows["tiny SD / mov2mov"]
     assert all(finite_scores(s) for s in rows.values())
+    assert all(finite_scores(s) for s in outcome["standard_error"]["4"].values())
     assert (out / "methods.csv").read_text().count("\n") == 1 + 2 * len(rows)
+    table = (out / "methods.md").read_text()
+    assert " ± " in table and "Video model minus it, paired over the 2 clips" in table
+    assert all("latent_motion" in c and len(c["motion_noise_equals_mov2mov"]) == 3
+               for c in outcome["clips"])  # fmt: skip

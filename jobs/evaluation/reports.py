@@ -34,6 +34,19 @@ def mean_scores(records: list[dict[str, dict[str, float]]]) -> dict[str, dict[st
     }
 
 
+def standard_errors(records: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per row, each metric's standard error of the mean over clips: the sample standard
+    deviation (n - 1) over sqrt(n); NaN for a single clip."""
+    n = len(records)
+    out = {}
+    for row, first in records[0].items():
+        out[row] = {}
+        for metric in first:
+            values = torch.tensor([r[row][metric] for r in records], dtype=torch.float64)
+            out[row][metric] = float(values.std() / n**0.5) if n > 1 else float("nan")
+    return out
+
+
 def markdown_table(first_column: str, rows: dict[str, dict[str, float]]) -> str:
     """A markdown table: one row per entry of ``rows``, one column per metric present."""
     present = [m for m in METRICS if all(m in scores for scores in rows.values())]

@@ -64,23 +64,33 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_methods(cfg: DictConfig) -> None:
-    """``mode=methods``: the SD file, the methods, the speeds and the settings they take."""
+    """``mode=methods``: the SD file, the ControlNet (its file and scale), the methods of
+    each, the speeds and the settings they take."""
     if not Path(str(cfg.methods.sd_checkpoint)).is_file():
         raise EvalError(f"methods.sd_checkpoint not found: {cfg.methods.sd_checkpoint}")
     if cfg.methods.num_clips < 1:
         raise EvalError(f"methods.num_clips must be >= 1, got {cfg.methods.num_clips}")
     if not cfg.methods.speeds or any(s <= 0 for s in cfg.methods.speeds):
         raise EvalError(f"methods.speeds must list positive speeds, got {cfg.methods.speeds}")
+    unit = cfg.methods.controlnet
+    lists = {"methods.image": cfg.methods.image}
+    if unit.file:
+        if not Path(str(unit.file)).is_file():
+            raise EvalError(f"methods.controlnet.file not found: {unit.file}")
+        if float(unit.scale) < 0:
+            raise EvalError(f"methods.controlnet.scale must be >= 0, got {unit.scale}")
+        lists["methods.controlnet.image"] = unit.image
     run = {"strength": cfg.methods.strength, "steps": cfg.methods.steps}
-    for method in cfg.methods.image:
-        if "gen1" in str(method).split("+"):
-            raise EvalError("methods.image lists image-model methods; gen1 runs on its own")
-        try:
-            settings = edit_settings(cfg, cfg.w_t, cfg.t_s, method=method, **run)
-            check_settings(settings)
-            get_method(method).check(settings, cfg.num_frames, False)
-        except ValueError as err:
-            raise EvalError(f"methods.image: {err}") from err
+    for key, methods in lists.items():
+        for method in methods:
+            if "gen1" in str(method).split("+"):
+                raise EvalError(f"{key} lists image-model methods; gen1 runs on its own")
+            try:
+                settings = edit_settings(cfg, cfg.w_t, cfg.t_s, method=method, **run)
+                check_settings(settings)
+                get_method(method).check(settings, cfg.num_frames, False)
+            except ValueError as err:
+                raise EvalError(f"{key}: {err}") from err
 
 
 def edit_settings(cfg: DictConfig, w_t: float, t_s: int, **overrides) -> EditSettings:
