@@ -126,7 +126,8 @@ def test_infer_keyframes_schedule_the_edit_and_the_sidecar_records_it(files, tmp
     same edit as the list."""
     base = [
         f"input={files / 'clip.mp4'}", f"checkpoint={files / 'tiny.ckpt'}",
-        f"reference={files / 'red.png'}", f"depth={files / 'depth.npy'}", "end=12", *FAST,
+        f"reference={files / 'red.png'}", f"depth={files / 'depth.npy'}", "end=12",
+        "prepack=false", *FAST,
     ]  # fmt: skip
     keyframes = "keyframes=[{frame: 0, w: 1}, {frame: 11, w: 12}]"
     plain = infer.run(config(*base, f"output={tmp_path / 'plain.mp4'}"))
@@ -170,3 +171,19 @@ def test_a_feathered_mask_video_keeps_the_outside_exactly_and_softens_the_edge(f
     soft = feather(mask, 2.0)
     assert soft[..., :8].eq(0).all()  # outside: untouched, so the source passes exactly
     assert 0 < soft[0, 0, 0, 12, 8] < 0.6 and soft[0, 0, 0, 12, 20] > 0.99
+
+
+@pytest.mark.parametrize(
+    "method", ["mov2mov", "cross_frame", "motion_noise", "multi_frame", "prev_frame"]
+)
+def test_every_method_takes_a_schedule(model, method):
+    """Per-frame w and content reach every method: a higher w at the last frame changes it."""
+    frames, depth = video(4)
+    content = content_of(model, frames)
+    settings = dataclasses.replace(SETTINGS, method=method, strength=0.8)
+    plain = edit(model, frames, depth, content, settings)
+    schedule = {"w": torch.tensor([3.0, 3.0, 3.0, 9.0])}
+    per_frame = content[:, None].expand(1, 4, 1, -1)
+    out = edit(model, frames, depth, per_frame, settings, schedule=schedule)
+    torch.testing.assert_close(out[:, 0], plain[:, 0], atol=1e-4, rtol=0)
+    assert (out[:, 3] - plain[:, 3]).abs().max() > 1e-3

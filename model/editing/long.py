@@ -123,7 +123,7 @@ def edit_long_video(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
-    hold: float = 0.5,
+    hold: float = 0.25,
 ) -> LongEditResult:
     """Edit a video of ``num_frames`` frames window after window (``long_windows`` with
     ``settings.window_length`` / ``window_overlap`` and ``anchors``), in memory bounded by

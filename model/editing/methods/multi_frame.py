@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from model.diffusion.guidance import Release
 from model.editing.methods.base import SamplingRun
 from model.editing.methods.mov2mov import Mov2Mov
 
@@ -36,16 +37,22 @@ def check_canvas(canvas: Sequence[str]) -> tuple[str, ...]:
     return parts
 
 
-def canvas_frames(value, indices: list[int], video_shape: torch.Size):
-    """Per-frame tensors shaped like a video of ``video_shape`` (``(B, F, ..., w)``) laid side
+def canvas_frames(value, indices: list[int], video_shape: torch.Size, current: int | None = None):
+    """Per-frame images shaped like a video of ``video_shape`` (``(B, F, ..., w)``) laid side
     by side along the width as one frame ``(B, 1, ..., len(indices) w)`` of frames
-    ``indices``; dicts are walked; anything else passes as is."""
+    ``indices``; other per-frame values (a keyframe schedule's context ``(B, F, tokens, D)``
+    and guidance scales ``(B, F, 1, 1, 1)``) those of frame ``current``; dicts are walked;
+    anything else passes as is."""
     if isinstance(value, torch.Tensor):
-        if value.ndim == len(video_shape) and value.shape[:2] == video_shape[:2]:
+        per_frame = value.ndim >= 4 and value.shape[:2] == video_shape[:2]
+        spatial = value.ndim == len(video_shape) and tuple(value.shape[-2:]) != (1, 1)
+        if per_frame and spatial:  # latents, structure, hints: side by side
             return torch.cat([value[:, i : i + 1] for i in indices], dim=-1)
+        if per_frame and current is not None:
+            return value[:, current : current + 1]
         return value
     if isinstance(value, Mapping):
-        return {k: canvas_frames(v, indices, video_shape) for k, v in value.items()}
+        return {k: canvas_frames(v, indices, video_shape, current) for k, v in value.items()}
     return value
 
 
@@ -83,16 +90,32 @@ class MultiFrame(Mov2Mov):
         at = parts.index("current")
         outputs = [run.frame(0).sample()]
         for k in range(1, shape[1]):
+            # A frame kept (a long edit's carried frame) stays; one held for its first steps
+            # (keyframed strength, a released overlap) is let go on the canvas as well.
+            held = run.mask is not None and not bool(run.mask[:, k].any())
+            never = run.release is None or float(run.release.sigma[:, k].max()) < 0
+            if held and never:
+                outputs.append(run.source[:, k : k + 1])
+                continue
             indices = [{"first": 0, "previous": k - 1, "current": k}[p] for p in parts]
             current = run.source[:, k : k + 1] if run.source is not None else None
             if current is None:
                 current = torch.zeros_like(run.noise[:, k : k + 1])
             done = {"first": outputs[0], "previous": outputs[k - 1], "current": current}
             source = torch.cat([done[p].to(run.noise.dtype) for p in parts], dim=-1)
-            mask = torch.cat(
-                [torch.full_like(run.noise[:, :1, :1], float(p == "current")) for p in parts],
-                dim=-1,
-            )
+
+            def part_mask(edited: bool):
+                return torch.cat(
+                    [torch.full_like(run.noise[:, :1, :1], float(edited and p == "current"))
+                     for p in parts],
+                    dim=-1,
+                )  # fmt: skip
+
+            mask = part_mask(not held)
+            release = None
+            if held:
+                sigma = run.release.sigma[:, k : k + 1]
+                release = Release(sigma, part_mask(True).to(run.noise.device))
             kwargs = dict(run.sampler_kwargs)
             if "noise_sampler" in kwargs:
                 kwargs["noise_sampler"] = canvas_noise(kwargs["noise_sampler"], indices, shape)
@@ -101,8 +124,9 @@ class MultiFrame(Mov2Mov):
                 noise=canvas_frames(run.noise, indices, shape),
                 source=source.to(run.noise.device),
                 mask=mask.to(run.noise.device),
-                extra_args=canvas_frames(run.extra_args, indices, shape),
+                extra_args=canvas_frames(run.extra_args, indices, shape, k),
                 sampler_kwargs=kwargs,
+                release=release,
             )
             outputs.append(split_part(one.sample(), at, width))
         return torch.cat(outputs, dim=1)
