@@ -14,6 +14,7 @@ from model.diffusion.guidance import MaskedDenoiser, Release
 from model.editing.long import edit_long_video, long_windows, shared_noise
 from model.editing.pipeline import Carry, edit_video
 from model.editing.settings import EditSettings
+from model.metrics.drift import drift_curve, pair_warp_errors, seam_warp_error
 from tests import test_infer
 from tests.test_editing import content_of, tiny_gen1, video
 from tests.test_infer import FAST, config, read
@@ -205,3 +206,46 @@ def test_infer_sequential_streams_every_frame_with_audio_mask_and_preview(files,
     right = (edited - source)[..., 20:].abs().mean()
     left = (edited - source)[..., :12].abs().mean()
     assert right < 0.1 < 0.5 < left  # kept outside the mask (up to yuv420p chroma), edited in
+
+
+def test_drift_is_zero_for_a_still_video_and_sees_a_colour_creep():
+    still = torch.rand(1, 3, 16, 16).expand(12, -1, -1, -1) * 2 - 1
+    curve = drift_curve(still, block=4)
+    assert curve.colour == [0.0, 0.0, 0.0] and curve.histogram == [0.0, 0.0, 0.0]
+    creeping = still + torch.linspace(0, 0.6, 12).view(12, 1, 1, 1) * torch.tensor(
+        [1.0, 0.0, 0.0]
+    ).view(1, 3, 1, 1)
+    drift = drift_curve(creeping.clamp(-1, 1), block=4).colour
+    assert drift[0] == 0 and drift[1] > 0.05 and drift[2] > drift[1]
+
+
+def test_seam_warp_error_takes_the_pairs_into_each_window():
+    errors = torch.tensor([1.0, 1.0, 9.0, 1.0, 1.0, 9.0, float("nan")])
+    across, inside = seam_warp_error(errors, [(0, 3), (3, 6), (6, 8)])
+    assert (across, inside) == (9.0, 1.0)
+    frames = torch.rand(4, 3, 8, 8) * 2 - 1
+    flow = torch.zeros(3, 2, 8, 8)
+    pairs = pair_warp_errors(frames, flow)
+    torch.testing.assert_close(pairs, (frames[1:] - frames[:-1]).square().mean(dim=(1, 2, 3)))
+
+
+def test_eval_long_mode_writes_the_drift_table_csv_and_plot(tmp_path):
+    """eval.py mode=long on a short clip (the bundled tiny world model): every anchors
+    setting scored, the input's own drift as the baseline."""
+    from hydra import compose, initialize_config_dir
+
+    from jobs.evaluation import modes
+    from tests.sd_layout import ROOT
+
+    out = tmp_path / "long"
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("eval", overrides=[
+            "mode=long", f"output_dir={out}", "long.num_frames=14", "long.block=4",
+            "long.steps=1", "progress=false",
+        ])  # fmt: skip
+    outcome = modes.run(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["long.csv", "long.json", "long.md", "long.png"]
+    assert set(outcome["mean"]) == {"none", "first", "input"}
+    assert outcome["mean"]["first"]["windows"] == 3  # 8 frames, then 5 new, then 1
+    assert len(outcome["curves"]["input"]["colour"]) == 4
+    assert (out / "long.csv").read_text().count("\n") == 1 + 3 * 4
