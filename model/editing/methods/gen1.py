@@ -23,14 +23,8 @@ class Gen1Method:
     roles: frozenset[str] = frozenset({"noise", "denoiser"})
     frames_independent = False
 
-    def noise(
-        self,
-        shape: tuple[int, ...],
-        settings: Any,
-        generator,
-        frames: torch.Tensor | None = None,
-        common: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def noise(self, shape, settings: Any, generator, frames=None, common=None) -> torch.Tensor:
+        """As ``EditMethod.noise`` (``model.editing.methods.base``)."""
         return frame_noise(shape, settings.noise_correlation, generator, common)
 
     def denoiser(self, model: Any, settings: Any, progress: bool = False) -> WindowedDenoiser:

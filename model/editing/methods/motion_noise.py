@@ -63,14 +63,8 @@ class MotionNoise(Mov2Mov):
     name = "motion_noise"
     roles = frozenset({"noise"})
 
-    def noise(
-        self,
-        shape: tuple[int, ...],
-        settings: Any,
-        generator,
-        frames: torch.Tensor | None = None,
-        common: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def noise(self, shape, settings: Any, generator, frames=None, common=None) -> torch.Tensor:
+        """As ``EditMethod.noise`` (``model.editing.methods.base``)."""
         if frames is None:
             raise ValueError("motion_noise follows the input's motion: it needs the frames")
         return motion_noise(shape, frames, generator, common)

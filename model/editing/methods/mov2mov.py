@@ -32,14 +32,8 @@ class Mov2Mov:
     roles: frozenset[str] = frozenset()  # the base of every composition
     frames_independent = True
 
-    def noise(
-        self,
-        shape: tuple[int, ...],
-        settings: Any,
-        generator,
-        frames: torch.Tensor | None = None,
-        common: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def noise(self, shape, settings: Any, generator, frames=None, common=None) -> torch.Tensor:
+        """As ``EditMethod.noise`` (``model.editing.methods.base``)."""
         batch, count, *rest = shape
         shared = (
             common if common is not None else torch.randn((batch, 1, *rest), generator=generator)
