@@ -16,6 +16,7 @@ from model.editing.pipeline import Carry, edit_video
 from model.editing.settings import EditSettings
 from model.metrics.drift import drift_curve, pair_warp_errors, seam_warp_error
 from tests import test_infer
+from tests.sd_layout import ROOT
 from tests.test_editing import content_of, tiny_gen1, video
 from tests.test_infer import FAST, config, read
 
@@ -249,3 +250,20 @@ def test_eval_long_mode_writes_the_drift_table_csv_and_plot(tmp_path):
     assert outcome["mean"]["first"]["windows"] == 3  # 8 frames, then 5 new, then 1
     assert len(outcome["curves"]["input"]["colour"]) == 4
     assert (out / "long.csv").read_text().count("\n") == 1 + 3 * 4
+
+
+def test_infer_sequential_with_an_sd_file_controlnet_keyframes_and_a_method(tmp_path):
+    """The bundled tiny SD with its depth ControlNet on a canny hint, cross-frame attention,
+    a prompt keyframed to another: window after window, every frame written."""
+    out = tmp_path / "sd.mp4"
+    done = infer.run(config(
+        f"checkpoint={ROOT / 'bundle/tiny_sd/tiny_sd.safetensors'}", "prompt=a red sphere",
+        f"output={out}", "max_frames=12", "steps=2", "progress=false", "seed=1",
+        "window.mode=sequential", "method=cross_frame",
+        f"controlnet=[{{file: {ROOT / 'bundle/tiny_sd/tiny_controlnet_depth.safetensors'}, "
+        "hint: canny}]",
+        "keyframes=[{frame: 0, prompt: a red sphere}, {frame: 11, prompt: a blue cube}]",
+    ))  # fmt: skip
+    assert read(out)[0].shape[0] == 12
+    assert done["keyframes"]["content_keyframes"] == [0, 11]
+    assert done["controlnet"][0]["hint"] == "canny" and done["method"] == "cross_frame"
