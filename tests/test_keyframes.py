@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import infer
+from data import media
 from model.editing.keyframes import (
     content_schedule,
     parse_keyframes,
@@ -187,3 +188,28 @@ def test_every_method_takes_a_schedule(model, method):
     out = edit(model, frames, depth, per_frame, settings, schedule=schedule)
     torch.testing.assert_close(out[:, 0], plain[:, 0], atol=1e-4, rtol=0)
     assert (out[:, 3] - plain[:, 3]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["blend", "sequential"])
+def test_a_mask_video_moves_the_edited_region_frame_by_frame(files, tmp_path, mode):
+    """A mask video (the input's 24 frames): the left half edited in frames 0-5, the right
+    half after; the other half of each edited frame is the input's (up to yuv420p), in both
+    window modes."""
+    from data.io import write_video
+
+    masks = torch.full((24, 3, 48, 64), -1.0)
+    masks[:6, :, :, :32] = 1.0
+    masks[6:, :, :, 32:] = 1.0
+    write_video(tmp_path / "mask.mp4", masks, 12, crf=0)
+    out = tmp_path / "masked.mp4"
+    infer.run(config(
+        f"input={files / 'clip.mp4'}", f"output={out}", f"checkpoint={files / 'tiny.ckpt'}",
+        f"reference={files / 'red.png'}", f"mask={tmp_path / 'mask.mp4'}", "end=12",
+        f"window.mode={mode}", *FAST,
+    ))  # fmt: skip
+    edited = torch.from_numpy(test_infer.read(out)[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    source = media.read_frames(files / "clip.mp4", list(range(12)), (24, 32))[0]
+    error = (edited - source).abs()
+    kept = torch.cat([error[:6, ..., 20:], error[6:, ..., :12]]).mean()
+    changed = torch.cat([error[:6, ..., :12], error[6:, ..., 20:]]).mean()
+    assert kept < 0.1 < 0.5 < changed
