@@ -6,8 +6,9 @@ content from a reference image (a frame of another held-out clip) and one from a
 through the bundled prior; with the tiny SD single file (``bundle/tiny_sd/``), one mov2mov
 edit from a prompt, through exactly the path a real SD 1.5 file takes, the same edit with
 the bundled tiny depth ControlNet, and one prompt without and with the bundled tiny LoRA
-(``lora=[...]``). Writes the edited
-mp4s, side-by-side previews (input | depth | output), JSON sidecars and ``overview.png``
+(``lora=[...]``); with the tiny Gen-1 again, one edit window after window
+(``window.mode=sequential``) whose content moves from one reference to another between
+keyframes. Writes the edited mp4s, side-by-side previews (input | depth | output), JSON sidecars and ``overview.png``
 (inputs left, edits right, frames 0, 5, 10, 15) under ``outputs/demo/``.
 
 ``python demo.py --write-samples`` re-renders the sample clips and reference images.
@@ -75,6 +76,19 @@ SD_EDITS = [
     ),
 ]
 TINY_SD = Path("bundle/tiny_sd/tiny_sd.safetensors")
+# The Gen-1 model window after window (flat memory), its content keyframed from clip_a's
+# reference at frame 0 to clip_b's at frame 15: (output name, sample clip, overrides).
+LONG_EDITS = [
+    (
+        "clip_a_keyframes",
+        "clip_a",
+        [
+            "reference=bundle/tiny_world/samples/clip_a_ref.png",
+            "window.mode=sequential",
+            "keyframes=[{frame: 15, reference: bundle/tiny_world/samples/clip_b_ref.png}]",
+        ],
+    ),
+]
 
 
 def write_samples() -> None:
@@ -109,6 +123,7 @@ def write_overview(path: Path, scale: int = 2, gap: int = 8) -> None:
 
     pairs = [(name, name) for name, _, _ in EDITS]
     pairs += [(clip, name) for name, clip, _, _ in SD_EDITS]
+    pairs += [(clip, name) for name, clip, _ in LONG_EDITS]
     rows = []
     for clip, name in pairs:
         halves = []
@@ -153,6 +168,16 @@ def main() -> None:
             f"output={OUT / name}.mp4",
             f"checkpoint={TINY_SD}",
             f"prompt='{prompt}'",
+            "preview=true",
+            "progress=false",
+            "seed=0",
+            *extra,
+        )
+        report(name)
+    for name, clip, extra in LONG_EDITS:
+        run_infer(
+            f"input={SAMPLES / clip}.mp4",
+            f"output={OUT / name}.mp4",
             "preview=true",
             "progress=false",
             "seed=0",
