@@ -8,8 +8,9 @@ edit from a prompt, through exactly the path a real SD 1.5 file takes, the same 
 the bundled tiny depth ControlNet, and one prompt without and with the bundled tiny LoRA
 (``lora=[...]``); with the tiny Gen-1 again, one edit window after window
 (``window.mode=sequential``) whose content moves from one reference to another between
-keyframes. Writes the edited mp4s, side-by-side previews (input | depth | output), JSON sidecars and ``overview.png``
-(inputs left, edits right, frames 0, 5, 10, 15) under ``outputs/demo/``.
+keyframes. Writes the edited mp4s, side-by-side previews (input | depth | output), JSON
+sidecars and ``overview.png`` (inputs left, edits right, frames 0, 5, 10, 15) under
+``outputs/demo/``.
 
 ``python demo.py --write-samples`` re-renders the sample clips and reference images.
 """
@@ -61,7 +62,7 @@ SD_EDITS = [
             "midas.weights=bundle/tiny_world/midas_tiny.safetensors",
         ],
     ),
-    # the bundled LoRA (trained on 8 frames showing a pink sphere, captioned "a sks object"):
+    # the bundled LoRA (trained on 16 frames showing a pink sphere, captioned "a sks object"):
     # the same prompt without and with it
     ("clip_b_sd", "clip_b", "a sks object", ["strength=0.75", "steps=10"]),
     (

@@ -187,11 +187,8 @@ def read_mask(path, source: SourceVideo, indices: list[int], size) -> torch.Tens
         return F.interpolate(mask, size=tuple(size), mode="bilinear")[None]
     video = probe_video(path, audio=False)
     _check_size(path, (video.height, video.width), source, size)
-    if video.num_frames != source.num_frames:
-        raise MediaError(
-            f"mask {path} has {video.num_frames} frames; the input has {source.num_frames}"
-        )
-    return (read_frames(video, indices, size).mean(dim=2, keepdim=True) + 1) / 2
+    frames = file_frames(path, "mask", video.num_frames, source, indices)
+    return (read_frames(video, frames, size).mean(dim=2, keepdim=True) + 1) / 2
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -202,14 +199,21 @@ def _load_npy(path: Path) -> np.ndarray:
         raise MediaError(f"{path}: not a numeric .npy array ({err})") from err
 
 
-def _video_of_length(path: Path, source: SourceVideo, what: str) -> SourceVideo:
-    """A ``what`` video (depth, hint) that has the input's frame count; MediaError otherwise."""
-    video = probe_video(path, audio=False)
-    if video.num_frames != source.num_frames:
-        raise MediaError(
-            f"{what} {path} has {video.num_frames} frames; the input has {source.num_frames}"
-        )
-    return video
+def file_frames(
+    path: Path, what: str, count: int, source: SourceVideo, indices: list[int]
+) -> list[int]:
+    """Which of the ``count`` frames of a ``what`` file (mask, depth, hint) go with the
+    edited input frames ``indices``: the same indices when the file has the input's frame
+    count, all of them in order when it has exactly the edited frames; MediaError naming
+    both counts otherwise."""
+    if count == source.num_frames:
+        return list(indices)
+    if count == len(indices):
+        return list(range(count))
+    edited = f" or the {len(indices)} edited" if len(indices) != source.num_frames else ""
+    raise MediaError(
+        f"{what} {path} has {count} frames; it needs the input's {source.num_frames}{edited}"
+    )
 
 
 def read_depth(path, source: SourceVideo, indices: list[int], size) -> torch.Tensor:
@@ -219,39 +223,42 @@ def read_depth(path, source: SourceVideo, indices: list[int], size) -> torch.Ten
     path = Path(path)
     if path.suffix == ".npy":
         array = _load_npy(path)
-        if array.ndim != 3 or array.shape[0] != source.num_frames:
-            raise MediaError(
-                f"depth {path} has shape {array.shape}; expected ({source.num_frames}, H, W)"
-            )
-        depth = torch.from_numpy(np.asarray(array[indices], dtype=np.float32))[:, None]
+        if array.ndim != 3:
+            raise MediaError(f"depth {path} has shape {array.shape}; expected (frames, H, W)")
+        frames = file_frames(path, "depth", array.shape[0], source, indices)
+        depth = torch.from_numpy(np.asarray(array[frames], dtype=np.float32))[:, None]
         return F.interpolate(depth, size=tuple(size), mode="bilinear")[None]
     if path.suffix.lower() in IMAGE_SUFFIXES:
         levels = torch.from_numpy(read_image(path, "L", exact=True).copy())[None, None]
         depth = F.interpolate(levels * 2 - 1, size=tuple(size), mode="bilinear")
         return depth.expand(len(indices), -1, -1, -1)[None]
-    video = _video_of_length(path, source, "depth")
-    return read_frames(video, indices, size).mean(dim=2, keepdim=True)
+    video = probe_video(path, audio=False)
+    frames = file_frames(path, "depth", video.num_frames, source, indices)
+    return read_frames(video, frames, size).mean(dim=2, keepdim=True)
 
 
 def read_hint(path, source: SourceVideo, indices: list[int], size) -> torch.Tensor:
     """A ControlNet hint given as a file, ``(1, F, 3, H, W)`` in [0, 1] at ``size``: an image
-    (the same hint for every frame), a video of the input's frame count, or a .npy of
-    ``(frames, H, W)`` or ``(frames, H, W, 3)`` values in [0, 1]."""
+    (the same hint for every frame), a video, or a .npy of ``(frames, H, W)`` or ``(frames,
+    H, W, 3)`` values in [0, 1]; videos and arrays have the input's frame count or exactly
+    the edited frames' (``file_frames``)."""
     path = Path(path)
     if path.suffix == ".npy":
         array = _load_npy(path)
+        if not (array.ndim == 3 or (array.ndim == 4 and array.shape[-1] == 3)):
+            raise MediaError(
+                f"hint {path} has shape {array.shape}; expected (frames, H, W) or (frames, H, W, 3)"
+            )
+        frames = file_frames(path, "hint", array.shape[0], source, indices)
+        array = array[frames]
         if array.ndim == 3:
             array = array[..., None].repeat(3, axis=-1)
-        if array.ndim != 4 or array.shape[0] != source.num_frames or array.shape[-1] != 3:
-            raise MediaError(
-                f"hint {path} has shape {array.shape}; expected ({source.num_frames}, H, W) "
-                "or (frames, H, W, 3)"
-            )
-        hint = torch.from_numpy(np.asarray(array[indices], dtype=np.float32)).permute(0, 3, 1, 2)
+        hint = torch.from_numpy(np.asarray(array, dtype=np.float32)).permute(0, 3, 1, 2)
         return F.interpolate(hint, size=tuple(size), mode="bilinear").clamp(0, 1)[None]
     if path.suffix.lower() in IMAGE_SUFFIXES:
         image = torch.from_numpy(read_image(path).copy()).permute(2, 0, 1)[None].float() / 255
         hint = F.interpolate(image, size=tuple(size), mode="bilinear").clamp(0, 1)
         return hint.expand(len(indices), -1, -1, -1)[None]
-    video = _video_of_length(path, source, "hint")
-    return (read_frames(video, indices, size) + 1) / 2
+    video = probe_video(path, audio=False)
+    frames = file_frames(path, "hint", video.num_frames, source, indices)
+    return (read_frames(video, frames, size) + 1) / 2

@@ -213,3 +213,25 @@ def test_a_mask_video_moves_the_edited_region_frame_by_frame(files, tmp_path, mo
     kept = torch.cat([error[:6, ..., 20:], error[6:, ..., :12]]).mean()
     changed = torch.cat([error[:6, ..., :12], error[6:, ..., 20:]]).mean()
     assert kept < 0.1 < 0.5 < changed
+
+
+def test_mask_depth_and_hint_files_may_hold_just_the_edited_frames(files, tmp_path):
+    """A file for frames 6-17 of the 24-frame input is read as it is; a file of another
+    length names both counts that would fit."""
+    import numpy as np
+
+    from data.io import write_video
+
+    source = media.probe_video(files / "clip.mp4")
+    indices = list(range(6, 18))
+    ramp = np.linspace(0, 1, 12, dtype=np.float32)[:, None, None] * np.ones((12, 48, 64))
+    np.save(tmp_path / "depth.npy", ramp)
+    depth = media.read_depth(tmp_path / "depth.npy", source, indices, (24, 32))
+    torch.testing.assert_close(depth[0, :, 0, 0, 0], torch.from_numpy(ramp[:, 0, 0]).float())
+    hint = media.read_hint(tmp_path / "depth.npy", source, indices, (24, 32))
+    assert hint.shape == (1, 12, 3, 24, 32)
+    write_video(tmp_path / "mask.mp4", torch.ones(12, 3, 48, 64), 12)
+    assert media.read_mask(tmp_path / "mask.mp4", source, indices, (24, 32)).shape[1] == 12
+    np.save(tmp_path / "odd.npy", ramp[:5])
+    with pytest.raises(media.MediaError, match="has 5 frames; it needs the input's 24 or the 12"):
+        media.read_depth(tmp_path / "odd.npy", source, indices, (24, 32))
