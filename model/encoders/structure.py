@@ -106,3 +106,29 @@ def standardise(depth: torch.Tensor) -> torch.Tensor:
     flat = depth.flatten(1)
     mean, std = flat.mean(1), flat.std(1).clamp_min(1e-6)
     return (depth - mean[:, None, None]) / std[:, None, None]
+
+
+def edit_structure(
+    depth: torch.Tensor,
+    latent_size: tuple[int, int],
+    t_s: int | torch.Tensor = 0,
+    frames_independent: bool = False,
+) -> torch.Tensor:
+    """An edit's structure ``(B, F, 1, h, w)`` of depth ``(B, F, 1, H, W)`` (``clip_structure``):
+    normalised over each clip, or over each frame alone when ``frames_independent`` (as the
+    image model saw single frames in training). ``t_s``: blur passes, an int, a ``(B,)``
+    tensor, or per frame a ``(1, F)`` tensor (a keyframe schedule: each frame blurred its own
+    number of times)."""
+    if isinstance(t_s, torch.Tensor) and t_s.ndim == 2:
+        passes = t_s.flatten().long().cpu()
+        parts = {
+            int(v): edit_structure(depth, latent_size, int(v), frames_independent)
+            for v in passes.unique()
+        }
+        return torch.stack([parts[int(v)][:, k] for k, v in enumerate(passes)], dim=1)
+    if frames_independent:
+        b, f = depth.shape[:2]
+        alone = depth.reshape(b * f, 1, *depth.shape[2:])  # every frame a one-frame clip
+        structure = clip_structure(alone, tuple(latent_size), t_s)
+        return structure.reshape(b, f, *structure.shape[2:])
+    return clip_structure(depth, tuple(latent_size), t_s)

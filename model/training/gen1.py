@@ -25,7 +25,7 @@ from model.diffusion.noise import SampleDraws, correlate_frames, sample_seed
 from model.diffusion.schedule import DiscreteSchedule
 from model.encoders.clip import build_clip, load_clip
 from model.encoders.depth import DepthEstimator, build_midas, load_midas
-from model.encoders.structure import clip_structure
+from model.encoders.structure import clip_structure, edit_structure
 from model.nets.autoencoder import AutoencoderKL
 from model.nets.unet import UNet
 from model.training.ema import EMA
@@ -232,33 +232,12 @@ class Gen1(pl.LightningModule):
         normalised over each clip, or over each frame alone when ``frames_independent`` (as
         the image model saw single frames in training). Frames and masks are not used."""
         structure = None
-        if self.structure_channels and isinstance(t_s, torch.Tensor) and t_s.ndim == 2:
-            # t_s per frame (1, F), a keyframe schedule: each frame blurred its own times
-            passes = t_s.flatten().long().cpu()
-            parts = {
-                int(v): self._edit_structure(depth, latent_size, int(v), frames_independent)
-                for v in passes.unique()
-            }
-            structure = torch.stack([parts[int(v)][:, k] for k, v in enumerate(passes)], dim=1).to(
-                device
-            )
-        elif self.structure_channels:
-            structure = self._edit_structure(depth, latent_size, t_s, frames_independent)
-            structure = structure.to(device)
+        if self.structure_channels:
+            structure = edit_structure(depth, latent_size, t_s, frames_independent).to(device)
         content = content.to(device).float()
         # content (B or 1, 1, D), or per frame (B or 1, F, 1, D): a keyframe schedule
         content = content.expand(batch, *content.shape[1:])
         return {"context": content, "structure": structure}, {"context": torch.zeros_like(content)}
-
-    def _edit_structure(self, depth, latent_size, t_s, frames_independent: bool):
-        """The structure of an edit's depth: normalised over the clip, or over each frame
-        alone when ``frames_independent`` (as the image model saw single frames)."""
-        if frames_independent:
-            b, f = depth.shape[:2]
-            alone = depth.reshape(b * f, 1, *depth.shape[2:])  # every frame a one-frame clip
-            structure = self.structure(None, latent_size, t_s, depth=alone)
-            return structure.reshape(b, f, *structure.shape[2:])
-        return self.structure(None, latent_size, t_s, depth=depth)
 
     def model_fn(self, unet: nn.Module | None = None):
         """``fn(x, t, context, structure, temporal)``: structure concatenated to the latents."""
