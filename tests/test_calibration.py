@@ -3,6 +3,8 @@ choice cached per machine (CPU model, ISA, PyTorch version, threads) and per lay
 shape; a corrupt cache ignored and rewritten; outputs those of the plain weights."""
 
 import json
+import multiprocessing
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +151,24 @@ def test_a_layer_is_packed_for_its_input_shape_and_repacked_for_a_new_one():
     assert shapes == [(1, 4, 6, 6), (3, 4, 10, 10), (1, 4, 6, 6)]
     for out, ref in zip(got, [expected[0], *expected, expected[0]], strict=True):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def _write_many(root: str, prefix: str, count: int) -> None:
+    calibration = Calibration("UNet", root=Path(root), log=lambda line: None)
+    for i in range(count):
+        calibration.record(f"{prefix} {i}", 1.0, 2.0, 3.0)
+        calibration.write()
+        calibration.new = {}
+
+
+def test_processes_writing_the_cache_at_once_lose_no_choice(tmp_path):
+    """Two processes calibrating at the same time: every choice of both ends in the file
+    (the merge is under a lock; without it, one process's write drops the other's)."""
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_write_many, args=(str(tmp_path), name, 60)) for name in "ab"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    calibration = Calibration("UNet", root=tmp_path, log=lambda line: None)
+    assert {f"{p} {i}" for p in "ab" for i in range(60)} <= set(calibration.choices)

@@ -27,6 +27,11 @@ import torch
 
 from model.weights.atomic import atomic_output
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): writes are atomic but not locked
+    fcntl = None
+
 log = logging.getLogger(__name__)
 VERSION = 1
 
@@ -152,11 +157,18 @@ class Calibration:
         self._reset()
 
     def write(self) -> None:
-        layers = {**read_cache(self.path, self.machine), **self.new}
-        data = {"version": VERSION, "machine": self.machine, "layers": layers}
+        """Merge the new choices into the file under an exclusive lock: processes calibrating
+        at once (a benchmark beside an edit) would otherwise drop each other's choices, and
+        the lost layers be timed again, and packed differently, on every run."""
         try:
-            with atomic_output(self.path) as tmp:
-                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_suffix(".lock"), "w") as lock:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                layers = {**read_cache(self.path, self.machine), **self.new}
+                data = {"version": VERSION, "machine": self.machine, "layers": layers}
+                with atomic_output(self.path) as tmp:
+                    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         except OSError as err:  # a read-only home: the choices hold for this run only
             log.warning("prepack: cannot write the calibration cache %s: %s", self.path, err)
 
