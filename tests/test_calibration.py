@@ -172,3 +172,27 @@ def test_processes_writing_the_cache_at_once_lose_no_choice(tmp_path):
         worker.join()
     calibration = Calibration("UNet", root=tmp_path, log=lambda line: None)
     assert {f"{p} {i}" for p in "ab" for i in range(60)} <= set(calibration.choices)
+
+
+def test_a_layer_meeting_a_second_shape_is_keyed_by_its_real_weight(tmp_path, monkeypatch):
+    """Packed for one input shape, a layer holds only its packed weight; its next shape (a
+    temporal window, a multi-frame canvas) is still looked up by the plain weight's shape, so
+    a later run finds both shapes in the cache instead of timing the second again."""
+    conv = nn.Conv2d(4, 16, 3, padding=1).eval()
+    clock = FakeClock(monkeypatch, slow="plain")  # packing wins: the plain weight is dropped
+
+    def two_shapes(calibration):
+        with torch.no_grad(), prepacked_weights(conv, calibration):
+            conv(torch.randn(1, 4, 6, 6))
+            conv(torch.randn(1, 4, 10, 10))
+
+    first = Calibration("net", root=tmp_path, clock=clock, log=lambda line: None)
+    two_shapes(first)
+    keys = set(read_cache(first.path, first.machine))
+    assert keys == {f"conv2d 16x4x3x3 s[1, 1] p[1, 1] d[1, 1] g1 on 1x4x{n}x{n}" for n in (6, 10)}
+
+    def never_timed(self, x):
+        raise AssertionError("a cached layer was timed again")
+
+    monkeypatch.setattr(prepack._Packing, "calibrate", never_timed)
+    two_shapes(Calibration("net", root=tmp_path, clock=clock, log=lambda line: None))

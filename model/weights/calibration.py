@@ -110,6 +110,7 @@ class Calibration:
         self.log = log
         self.choices = read_cache(self.path, self.machine)
         self.new: dict[str, dict] = {}
+        self.logged = False
         self._reset()
 
     def _reset(self) -> None:
@@ -149,11 +150,14 @@ class Calibration:
 
     def flush(self) -> None:
         """Write new choices to the cache file (merged with what others wrote meanwhile) and
-        log one line of what was chosen and what measuring cost."""
+        log one line of what was chosen and what measuring cost (after the first line, only
+        when something was measured)."""
         if self.new:
             self.write()
             self.new = {}
-        self.log(self.summary())
+        if self.timed or not self.logged:  # later shapes (windows, canvases): only news
+            self.log(self.summary())
+            self.logged = True
         self._reset()
 
     def write(self) -> None:

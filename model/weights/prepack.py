@@ -65,10 +65,13 @@ def _read_directly(module: nn.Module, fused: bool) -> set[int]:
     return skip
 
 
-def layer_key(layer: nn.Module, shape: tuple[int, ...]) -> str:
-    """What decides whether packing ``layer`` pays: its kind, weight shape, stride, padding,
-    dilation and groups, and its input shape (fp32)."""
-    weight = "x".join(map(str, layer.weight.shape))
+def layer_key(
+    layer: nn.Module, shape: tuple[int, ...], weight_shape: tuple[int, ...] | None = None
+) -> str:
+    """What decides whether packing ``layer`` pays: its kind, weight shape (``weight_shape``
+    where the layer holds only its packed weight for now), stride, padding, dilation and
+    groups, and its input shape (fp32)."""
+    weight = "x".join(map(str, weight_shape or layer.weight.shape))
     size = "x".join(map(str, shape))
     if isinstance(layer, nn.Conv2d):
         padding, stride, dilation, groups = _conv_args(layer)
@@ -91,6 +94,7 @@ class _Packing:
 
     def __init__(self, layer: nn.Module, calibration=None) -> None:
         self.layer = layer
+        self.weight_shape = tuple(layer.weight.shape)  # the plain one's: packed, it is empty
         self.conv = isinstance(layer, nn.Conv2d)
         self.calibration = calibration
         self.packed: torch.Tensor | None = None
@@ -163,7 +167,7 @@ class _Packing:
         if self.calibration is None:
             decision = True
         else:
-            decision = self.calibration.decided(layer_key(self.layer, shape))
+            decision = self.calibration.decided(layer_key(self.layer, shape, self.weight_shape))
         if decision is None:
             return self.calibrate(x)
         self.use_packed = decision
@@ -192,7 +196,7 @@ class _Packing:
             if not 0.8 < packed_s / max(plain_s, 1e-12) < 1.25:
                 break
         spent_s = sum(map(sum, times.values()))
-        key = layer_key(self.layer, tuple(x.shape))
+        key = layer_key(self.layer, tuple(x.shape), self.weight_shape)
         self.use_packed = self.calibration.record(key, plain_s, packed_s, spent_s)
         self.drop(packed=not self.use_packed)
         return outputs[self.use_packed]
