@@ -99,7 +99,7 @@ def worker(case: str, cold: bool, frames: int = 8, threads: int = 0) -> dict:
         CLOCK[0] = time.process_time
     from jobs.editing.inputs import read_inputs
     from jobs.editing.models import content_embedding, load_model
-    from jobs.editing.outputs import describe, write_outputs
+    from jobs.editing.outputs import describe, output_files
     from jobs.editing.request import (
         checkpoint_kind_of,
         device_and_dtype,
@@ -146,7 +146,13 @@ def worker(case: str, cold: bool, frames: int = 8, threads: int = 0) -> dict:
     sidecar = describe(cfg, inputs, result, 0, gen1, device, dtype, kind)
     sidecar["timing"] = {}
     start = now()
-    write_outputs(cfg, inputs, result, sidecar, start)
+    with output_files(cfg, inputs, time.perf_counter()) as outputs:  # as infer.py writes
+        outputs.add(
+            result.frames[0],
+            inputs.frames[0],
+            result.depth[0] if result.depth is not None else None,
+        )
+        outputs.sidecar = sidecar
     mux_s = now() - start
 
     unet = watch.calls["UNet"]
