@@ -61,6 +61,8 @@ def test_slerp_keeps_the_endpoints_and_moves_along_the_sphere():
         ([{"frame": 0, "prompt": "a", "reference": "b.png"}], "not both"),
         ([{"frame": 0, "strength": 1.5}], "strength must be in"),
         ([{"frame": 0, "w_t": "high"}], "w_t must be a number"),
+        ([{"frame": 0, "lora": 0.5}], "lora must be a list of weights"),
+        ([{"frame": 0, "lora": [1, "x"]}], "lora must be a list of weights"),
     ],
 )
 def test_bad_keyframes_are_one_line(entries, message):

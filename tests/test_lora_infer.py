@@ -87,3 +87,25 @@ def test_a_bad_lora_is_one_line_and_no_output(loras, tmp_path, entry, message):
     with pytest.raises(InferError, match=message) as err:
         _sd(out, f"lora=[{entry.replace('LORAS', str(loras))}]")
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_keyframed_lora_weights_give_each_frame_its_own(loras, tmp_path):
+    """keyframes=[{frame: 0, lora: [0]}, {frame: 1, lora: [0.8]}] on two frames of an SD
+    edit (frames do not mix in an SD UNet): frame 0 is the edit without the LoRA, frame 1
+    the edit with it merged at 0.8; the sidecar records the schedule."""
+    unet_only = write_kohya_lora(
+        tmp_path / "unet.safetensors", load_sd(TINY_SD), seed=3, text=False
+    )
+    lora = f"lora=[{{file: {unet_only}, weight: 0.5}}]"
+    plain = _sd(tmp_path / "plain.mp4")["result"].frames
+    merged = _sd(tmp_path / "merged.mp4", f"lora=[{{file: {unet_only}, weight: 0.8}}]")
+    keys = "keyframes=[{frame: 0, lora: [0]}, {frame: 1, lora: [0.8]}]"
+    outcome = _sd(tmp_path / "keyed.mp4", lora, keys)
+    frames = outcome["result"].frames
+    np.testing.assert_allclose(frames[:, 0], plain[:, 0], atol=2e-3)
+    np.testing.assert_allclose(frames[:, 1], merged["result"].frames[:, 1], atol=2e-3)
+    assert not np.allclose(plain[:, 1], merged["result"].frames[:, 1], atol=2e-2)
+    assert outcome["keyframes"]["schedule"]["lora.0"] == [0.0, 0.8]
+    assert outcome["lora"][0]["weight"].startswith("keyframed")
+    with pytest.raises(InferError, match="one per file"):
+        _sd(tmp_path / "bad.mp4", lora, "keyframes=[{frame: 0, lora: [0, 1]}]")

@@ -12,12 +12,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from data.media import MediaError, read_image
+from jobs.editing.loras import entry_weights
 from jobs.editing.request import InferError
 from model.editing.content import image_content, text_content
 from model.editing.keyframes import (
     SCALARS,
     Keyframe,
     content_schedule,
+    lora_key,
+    lora_keys,
     parse_keyframes,
     scalar_schedule,
 )
@@ -53,7 +56,14 @@ def requested_keyframes(cfg: DictConfig, kind: str, num_frames: int | None = Non
         keys = parse_keyframes(keyframe_entries(cfg), num_frames)
     except ValueError as err:
         raise InferError(str(err)) from err
+    files = len(cfg.get("lora") or [])
     for key in keys:
+        weights = lora_keys(key.values)
+        if weights and len(weights) != files:
+            raise InferError(
+                f"keyframe {key.frame}: lora gives {len(weights)} weight(s); give one per file "
+                f"of lora= ({files})"
+            )
         if key.reference is not None and kind == "sd":
             raise InferError(
                 f"keyframe {key.frame}: an SD checkpoint is conditioned on text: give a "
@@ -131,6 +141,7 @@ def keyframe_schedule(
         frames.insert(0, 0)
         embeddings.insert(0, _vector(base))
     defaults = {k: float(cfg[k]) for k in SCALARS}
+    defaults |= {lora_key(i): w for i, w in enumerate(entry_weights(cfg))}
     return KeyframeSchedule(keys, frames, torch.stack(embeddings), base, defaults)
 
 

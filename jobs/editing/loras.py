@@ -5,11 +5,13 @@ sidecar."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from jobs.editing.request import InferError
+from model.sd.frame_lora import FrameLoras
 from model.sd.lora import LoraFile, MergedLoras, merge_loras, read_lora
 from model.weights.atomic import file_sha256
 from model.weights.checkpoint import CheckpointError
@@ -47,18 +49,28 @@ def requested_loras(cfg: DictConfig) -> list[tuple[LoraFile, float]]:
     return loras
 
 
-def apply_loras(model, loras: list[tuple[LoraFile, float]], kind: str) -> list[dict]:
+def apply_loras(
+    model, loras: list[tuple[LoraFile, float]], kind: str, keyframed: bool = False
+) -> list[dict]:
     """Merge ``loras`` into ``model`` (a ``StableDiffusion`` for ``kind`` "sd", else a Gen1,
     whose text-encoder parts are skipped: it is conditioned on CLIP image embeddings).
-    Returns the sidecar's ``lora`` list: file, sha256, weight, format, layers changed, parts
-    applied and skipped. Unmatched keys raise ``InferError`` (one line)."""
+    ``keyframed``: the keyframes give the weights per frame, so the UNet parts go on as
+    ``model.frame_loras`` (``model.sd.frame_lora``: a weight per frame) and only text-encoder
+    parts are merged, at each entry's weight. Returns the sidecar's ``lora`` list: file,
+    sha256, weight, format, layers changed, parts applied and skipped. Unmatched keys raise
+    ``InferError`` (one line)."""
     if not loras:
         return []
     text = model.text_encoder if kind == "sd" else None
+    unet = model.sampling_unet()
     try:
-        merged: MergedLoras = merge_loras(
-            loras, model.sampling_unet(), text, skip_text=kind != "sd"
-        )
+        if keyframed:
+            model.frame_loras = FrameLoras([lora for lora, _ in loras], unet)
+            if text is not None:  # prompts are encoded once: their LoRA stays merged
+                parts = [(_text_part(lora), w) for lora, w in loras if _text_part(lora).pairs]
+                merge_loras(parts, unet, text)
+            return [_keyframed_entry(lora, weight, text is not None) for lora, weight in loras]
+        merged: MergedLoras = merge_loras(loras, unet, text, skip_text=kind != "sd")
     except CheckpointError as err:
         raise InferError(str(err)) from None
     return [
@@ -69,3 +81,27 @@ def apply_loras(model, loras: list[tuple[LoraFile, float]], kind: str) -> list[d
         }
         for applied in merged.applied
     ]
+
+
+def _keyframed_entry(lora: LoraFile, weight: float, has_text: bool) -> dict:
+    """The sidecar's record of a LoRA whose UNet weight the keyframes schedule."""
+    text = has_text and bool(_text_part(lora).pairs)
+    return {
+        "file": str(Path(lora.path).resolve()),
+        "sha256": file_sha256(lora.path),
+        "weight": "keyframed (sidecar keyframes.schedule lora.<i>)",
+        "text_encoder_weight": weight if text else None,
+        "format": lora.format,
+        "parts": [p for p in lora.parts() if p == "unet" or (p == "text" and text)],
+    }
+
+
+def _text_part(lora: LoraFile) -> LoraFile:
+    """The file's text-encoder pairs alone."""
+    return replace(lora, pairs=[p for p in lora.pairs if p.part != "unet"])
+
+
+def entry_weights(cfg: DictConfig) -> list[float]:
+    """The weight of each ``lora`` entry (1.0 where none is given), in order."""
+    entries = cfg.get("lora") or []
+    return [1.0 if isinstance(e, str) else float(e.get("weight", 1.0)) for e in entries]

@@ -25,6 +25,7 @@ from jobs.editing.request import (
 )
 from model.diffusion.guidance import sdedit_steps
 from model.diffusion.windows import window_slices
+from model.editing.keyframes import lora_keys
 from model.editing.long import edit_long_video, long_windows
 from model.editing.pipeline import edit_video
 
@@ -73,7 +74,8 @@ def run(cfg: DictConfig) -> dict:
     clock.append(time.perf_counter())
     device, dtype = device_and_dtype(cfg)
     model, estimator = load_model(cfg, inputs, device, dtype, kind)
-    applied_loras = apply_loras(model, loras, kind)
+    keyframed = any(lora_keys(key.values) for key in keys)
+    applied_loras = apply_loras(model, loras, kind, keyframed)
     nets = control_units(cfg, model, inputs, estimator, device, dtype)
     clock.append(time.perf_counter())
     seed = int(cfg.seed) if cfg.seed is not None else secrets.randbelow(2**31)

@@ -1,12 +1,14 @@
 """Control over time: settings given at keyframes, interpolated to every frame.
 
 A keyframe sets, at one frame of the edit, any of: the content (a ``prompt`` or a
-``reference`` image), Gen-1's ``t_s`` and ``w_t``, the content guidance ``w`` and the
-SDEdit ``strength``. Between keyframes scalars move linearly, content embeddings along the
-sphere (slerp of their directions, their norms linearly: a CLIP image embedding's norm is not
-its meaning); before the first keyframe and after the last a value holds. A setting no
-keyframe names stays the edit's own. ``t_s`` blurs a whole number of times: it is rounded.
-(Deforum's and Runway's keyframe schedules interpolate the same way.)
+``reference`` image), Gen-1's ``t_s`` and ``w_t``, the content guidance ``w``, the
+SDEdit ``strength`` and the weights of the edit's LoRA files (``lora``, one per file, in
+their order; scheduled as ``lora.0``, ``lora.1``, ...). Between keyframes scalars move
+linearly, content embeddings along the sphere (slerp of their directions, their norms
+linearly: a CLIP image embedding's norm is not its meaning); before the first keyframe and
+after the last a value holds. A setting no keyframe names stays the edit's own. ``t_s``
+blurs a whole number of times: it is rounded. (Deforum's and Runway's keyframe schedules
+interpolate the same way.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ import torch
 
 SCALARS = ("t_s", "w_t", "w", "strength")
 CONTENT = ("prompt", "reference")
-KEYS = ("frame", *CONTENT, *SCALARS)
+KEYS = ("frame", *CONTENT, *SCALARS, "lora")
+
+
+def lora_key(index: int) -> str:
+    """The schedule's name for the weight of the edit's ``index``-th LoRA file."""
+    return f"lora.{index}"
+
+
+def lora_keys(schedule: Mapping[str, object]) -> list[str]:
+    """The LoRA weights a schedule holds, in the order of the edit's LoRA files."""
+    return sorted((k for k in schedule if k.startswith("lora.")), key=lambda k: int(k[5:]))
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,17 @@ def parse_keyframes(entries: Sequence[Mapping], num_frames: int | None = None) -
             if key == "strength" and value > 1:
                 raise ValueError(f"keyframes[{i}]: strength must be in [0, 1], got {value}")
             values[key] = float(value)
+        weights = entry.get("lora")
+        if weights is not None:
+            numbers = isinstance(weights, Sequence) and not isinstance(weights, str)
+            if not numbers or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in weights
+            ):
+                raise ValueError(
+                    f"keyframes[{i}]: lora must be a list of weights, one per lora file, "
+                    f"got {weights!r}"
+                )
+            values |= {lora_key(j): float(v) for j, v in enumerate(weights)}
         prompt, reference = entry.get("prompt"), entry.get("reference")
         keyframes.append(
             Keyframe(frame, None if prompt is None else str(prompt),

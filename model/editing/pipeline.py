@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from model.diffusion.guidance import Release, sdedit_steps
 from model.diffusion.samplers import get_sigmas, resolve_sampler, sampler_kwargs
 from model.diffusion.windows import window_slices
+from model.editing.keyframes import lora_keys
 from model.editing.methods import SamplingRun, resolve_method
 from model.editing.precision import autocast, inference_weights
 from model.editing.settings import EditSettings, check_settings, temporal_frame_limit
@@ -173,8 +174,9 @@ def edit_video(
     part of the starting noise the frames share (the method's, e.g. PYoCo's mixed noise, one
     shared draw for mov2mov), given by a long edit so that every window shares the same.
     ``schedule``: settings per frame, ``(F,)`` tensors (``model.editing.keyframes``) of any
-    of ``t_s`` (rounded), ``w``, ``w_t`` and ``strength`` (each frame starts its SDEdit at
-    its own step: held to its noised source until then); content per frame is given as
+    of ``t_s`` (rounded), ``w``, ``w_t``, ``strength`` (each frame starts its SDEdit at
+    its own step: held to its noised source until then) and LoRA weights ``lora.<i>`` (for
+    a model with ``frame_loras``: ``model.sd.frame_lora``); content per frame is given as
     ``content`` with a frame axis (Gen-1 ``(B or 1, F, 1, D)``, SD hidden states ``(1, F,
     tokens, D)``).
     Raises ``ValueError`` for settings out of range, a method the model does not run, a
@@ -219,6 +221,10 @@ def edit_video(
             if name in schedule:
                 scale = schedule[name].float().view(1, num_frames, 1, 1, 1)
                 cond[f"guidance_{name}"] = scale.expand(batch, -1, -1, -1, -1).to(device)
+        if lora_keys(schedule):  # keyframed LoRA weights, read by the model (FrameLoras)
+            weights = torch.stack([schedule[k].float() for k in lora_keys(schedule)], dim=-1)
+            weights = weights.view(1, num_frames, -1, 1, 1).expand(batch, -1, -1, -1, -1)
+            cond["lora_scale"] = weights.to(device)
         sampler, schedule_name = resolve_sampler(settings.sampler, settings.schedule)
         sigmas = get_sigmas(schedule_name, settings.steps, model.schedule, device=device)
         if not settings.set_alpha_to_one:  # end on t = 0's noise level, as SD's DDIM configs

@@ -235,6 +235,13 @@ def _fit(delta: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:
     )
 
 
+def scaled_delta(pair: LoraPair, shape: torch.Size) -> torch.Tensor:
+    """The pair's change to a weight of ``shape`` at LoRA weight 1, in float32: ``alpha / r *
+    up @ down`` fitted to the layer (``CheckpointError`` when it cannot be)."""
+    alpha = pair.rank if pair.alpha is None else pair.alpha
+    return _fit(pair.delta(), shape, pair.key) * (alpha / pair.rank)
+
+
 class MergedLoras:
     """LoRAs merged into a model's weights; ``restore()`` (or leaving the ``with`` block) puts
     the original tensors back bit for bit. ``applied``: per file, its path, weight, format and
@@ -263,10 +270,14 @@ class MergedLoras:
         self.restore()
 
 
-def _resolve(
+def resolve_targets(
     lora: LoraFile, tables: dict[str, dict[str, Target] | None], skip_text: bool
 ) -> tuple[list[tuple[LoraPair, Target]], list[str]]:
-    """Each pair's target; errors for parts the model lacks and names that match nothing."""
+    """Each pair of ``lora`` with the layer it changes (``tables``: per part, the names a file
+    may give, from ``unet_targets`` / ``text_targets``; None where the model lacks the
+    part), and the parts skipped (``skip_text``: a text-encoder part of a model without
+    one). ``CheckpointError`` (file and keys named) for a missing part or keys that match
+    no layer."""
     skipped = []
     for part in lora.parts():
         if tables.get(part) is None:
@@ -321,7 +332,7 @@ def merge_loras(
         "text2": None,
     }
     files = [(read_lora(f) if not isinstance(f, LoraFile) else f, float(w)) for f, w in loras]
-    plans = [(lora, weight, *_resolve(lora, tables, skip_text)) for lora, weight in files]
+    plans = [(lora, weight, *resolve_targets(lora, tables, skip_text)) for lora, weight in files]
     for lora, _, found, _ in plans:  # shapes, before anything changes
         for pair, target in found:
             weight = getattr(target.module, target.param)
@@ -335,8 +346,7 @@ def merge_loras(
             param = getattr(target.module, target.param)
             merged.keep(param)
             view = param[target.rows] if target.rows is not None else param
-            alpha = pair.rank if pair.alpha is None else pair.alpha
-            delta = _fit(pair.delta(), view.shape, pair.key) * (weight * alpha / pair.rank)
+            delta = scaled_delta(pair, view.shape) * weight
             view.copy_((view.float() + delta.to(param.device)).to(param.dtype))
         merged.applied.append(
             {

@@ -35,6 +35,7 @@ from model.nets.autoencoder import AutoencoderKL
 from model.nets.unet import UNet
 from model.sd.config import SDConfig
 from model.sd.families import family_name
+from model.sd.frame_lora import FrameLoras, frame_lora_rows
 
 DEPTH_EPS = 0.001  # ldm's guard in the per-image depth normalisation
 
@@ -117,6 +118,7 @@ class StableDiffusion(nn.Module):
         self.unet, self.vae, self.text_encoder, self.depth = unet, vae, text_encoder, depth
         self.schedule = config.schedule()
         self.path = None if path is None else str(path)
+        self.frame_loras: FrameLoras | None = None  # keyframed LoRAs (jobs.editing.loras)
 
     @property
     def parameterization(self) -> str:
@@ -165,15 +167,17 @@ class StableDiffusion(nn.Module):
 
     def model_fn(self, unet: nn.Module | None = None) -> Callable[..., torch.Tensor]:
         """``fn(x, t, context, structure=None, concat=None, temporal=False, control=None,
-        control_hint=None)``: the UNet on the latents with SD 2-depth's ``structure`` or
-        inpainting's ``concat`` channels appended, and the residuals of ControlNet units
-        (``model.sd.control.Control`` with its stacked hints) added (``temporal`` is accepted
-        for the pipeline's sake: an SD UNet has no temporal layers)."""
+        control_hint=None, lora_scale=None)``: the UNet on the latents with SD 2-depth's
+        ``structure`` or inpainting's ``concat`` channels appended, and the residuals of
+        ControlNet units (``model.sd.control.Control`` with its stacked hints) added
+        (``temporal`` is accepted for the pipeline's sake: an SD UNet has no temporal
+        layers); ``lora_scale``
+        ``(B, F, L, 1, 1)``: keyframed LoRA weights per frame (``model.sd.frame_lora``)."""
         unet = unet or self.unet
 
         def fn(
             x, t, context=None, structure=None, concat=None, temporal=False, control=None,
-            control_hint=None,
+            control_hint=None, lora_scale=None,
         ):  # fmt: skip
             residuals = None
             if control is not None:
@@ -181,7 +185,8 @@ class StableDiffusion(nn.Module):
             extra = [e.to(x.dtype) for e in (structure, concat) if e is not None]
             if extra:
                 x = torch.cat([x, *extra], dim=-3)
-            return unet(x, t, context, temporal=temporal, control=residuals)
+            with frame_lora_rows(self.frame_loras, x, lora_scale):
+                return unet(x, t, context, temporal=temporal, control=residuals)
 
         return fn
 

@@ -28,6 +28,7 @@ from model.encoders.depth import DepthEstimator, build_midas, load_midas
 from model.encoders.structure import clip_structure, edit_structure
 from model.nets.autoencoder import AutoencoderKL
 from model.nets.unet import UNet
+from model.sd.frame_lora import frame_lora_rows
 from model.training.ema import EMA
 from model.training.parallel import clip_fsdp, drop_tied_gradients, skipped_loss, tie
 from model.weights.checkpoint import (
@@ -151,6 +152,7 @@ class Gen1(pl.LightningModule):
         self.vae.eval().requires_grad_(False)
         self.clip = build_content_encoder(clip)
         self.depth = build_depth(depth)
+        self.frame_loras = None  # keyframed LoRAs (model.sd.frame_lora), set by infer.py
         self.schedule = DiscreteSchedule(**(schedule or {}))
         self.structure_channels = self.unet.in_channels - self.vae.decoder.conv_in.in_channels
         if self.structure_channels not in (0, 1):
@@ -240,13 +242,14 @@ class Gen1(pl.LightningModule):
         return {"context": content, "structure": structure}, {"context": torch.zeros_like(content)}
 
     def model_fn(self, unet: nn.Module | None = None):
-        """``fn(x, t, context, structure, temporal)``: structure concatenated to the latents."""
+        """``fn(x, t, context, structure, temporal, lora_scale)``: as SD's ``model_fn``."""
         unet = unet or self.unet
 
-        def fn(x, t, context=None, structure=None, temporal=True):
+        def fn(x, t, context=None, structure=None, temporal=True, lora_scale=None):
             if self.structure_channels:
                 x = torch.cat([x, structure.to(x.dtype)], dim=-3)
-            return unet(x, t, context, temporal=temporal)
+            with frame_lora_rows(self.frame_loras, x, lora_scale):
+                return unet(x, t, context, temporal=temporal)
 
         return fn
 
