@@ -203,6 +203,8 @@ def ddp_worker(rank: int, world: int, args, port: int, queue) -> None:
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if device == "cuda":
         torch.cuda.set_device(rank)
+    if device == "cpu":  # more threads than cores stall at every barrier (10x on 2 cores)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     backend = "nccl" if device == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, rank=rank, world_size=world)
     ways = ("tie", "gate", "find_unused")
