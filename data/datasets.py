@@ -197,6 +197,12 @@ class _MediaDataset(Dataset):
             f"none of the {len(self.entries)} files of {self.source} could be read: {self.skipped}"
         )
 
+    def first_readable(self) -> dict:
+        """The first entry that gives a sample, read here (a training run checks its data
+        with it before any worker starts; unreadable entries found on the way are skipped
+        for the workers too). ``RuntimeError`` naming the files and why when none does."""
+        return self.getitem_seeded(0, (0,))
+
     def __getitem__(self, index: int) -> dict:
         return self.getitem_seeded(index, None)
 

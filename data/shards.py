@@ -120,14 +120,17 @@ def read_index(location: str, url_format: str | None = None) -> ShardIndex:
 def lane_items(index: ShardIndex, epoch: int, seed: int, slot: int, slots: int) -> np.ndarray:
     """Global ids of the samples lane ``slot`` of ``slots`` reads in ``epoch``, in reading
     order: shards permuted from (seed, epoch), dealt to the lanes (or, with fewer shards than
-    lanes, every shard read by every lane, which keeps every ``slots``-th sample)."""
-    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(index.counts))
+    lanes, every shard read by every lane, which keeps every ``slots``-th sample from an
+    offset drawn per epoch: so every lane sees other samples each epoch, and a lane whose
+    share holds only unreadable samples finds readable ones in the next)."""
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    order = rng.permutation(len(index.counts))
     starts = index.starts
     if len(order) >= slots:
         mine = order[slot::slots]
         return np.concatenate([np.arange(starts[s], starts[s] + index.counts[s]) for s in mine])
     every = np.concatenate([np.arange(starts[s], starts[s] + index.counts[s]) for s in order])
-    return every[slot::slots]
+    return every[(slot + int(rng.integers(slots))) % slots :: slots]
 
 
 def local_shuffle(count: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -302,6 +305,26 @@ class ShardClips:
         self.num_frames, self.size = num_frames, parse_size(size)
         self.fps, self.stride, self.train, self.shuffle = fps, stride, train, shuffle
         self.skips = ShardSkipLog(self.index)
+
+    def first_readable(self) -> dict:
+        """The first sample of the set that decodes, read here (a training run checks its
+        data with it before any worker starts). ``RuntimeError`` naming the set and why its
+        samples failed when none does."""
+        reader = LaneReader(self.index, 0, 1, seed=0, buffer=0)
+        failed: list[str] = []
+        for _ in range(self.index.total):
+            sample_id, raw = next(reader)
+            if raw is None:
+                failed.append(f"{self.index.name(sample_id)}: missing from its shard")
+                continue
+            try:
+                return self.decode(raw, np.random.default_rng([0, sample_id]))
+            except MediaReadError as err:
+                failed.append(str(err))
+        raise RuntimeError(
+            f"none of the {self.index.total} samples of {self.index.location} could be read "
+            f"(first: {failed[0] if failed else 'none'})"
+        )
 
     @property
     def skipped(self) -> dict[str, str]:

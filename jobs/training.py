@@ -114,11 +114,29 @@ def check_config(cfg: DictConfig) -> None:
     resolve_ckpt_path(cfg.get("ckpt_path"), cfg.run_dir)
 
 
+def check_data(datamodule) -> None:
+    """Read one sample of each training source here, before the model is built or a worker
+    starts, so data that cannot give a single sample (every clip too short for
+    ``num_frames`` x ``stride``, every file corrupt) is one line, not a worker's traceback."""
+    for name in ("train_dataset", "image_dataset"):
+        probe = getattr(getattr(datamodule, name, None), "first_readable", None)
+        if probe is None:
+            continue
+        try:
+            probe()
+        except RuntimeError as err:
+            hint = ""
+            if "too short" in str(err) or "too_short" in str(err):
+                hint = "; shorter clips need a smaller data.stride or data.num_frames"
+            raise ConfigError(f"data.datamodule.{name}: {err}{hint}") from None
+
+
 def setup(cfg: DictConfig):
     """Check the config, then build ``(datamodule, module, trainer, ckpt_path)``."""
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data.datamodule)
+    check_data(datamodule)
     model = build_model(cfg.model)
     trainer = build_trainer(cfg)
     return datamodule, model, trainer, resolve_ckpt_path(cfg.get("ckpt_path"), cfg.run_dir)

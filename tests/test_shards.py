@@ -101,6 +101,11 @@ def test_lanes_split_every_epoch_disjointly():
             joined = np.concatenate(parts)
             assert sorted(joined.tolist()) == list(range(index.total))
     assert not np.array_equal(lane_items(index, 0, 0, 0, 2), lane_items(index, 1, 0, 0, 2))
+    # one shard, four lanes: each lane keeps every 4th sample, from an offset that moves
+    # with the epoch (a lane whose share was one corrupt sample would otherwise never read)
+    one = ShardIndex("x.json", ("s0.tar",), (4,), "video", False)
+    seen = {int(lane_items(one, epoch, 0, 3, 4)[0]) for epoch in range(12)}
+    assert len(seen) > 1
 
 
 def sources(shards: Path):

@@ -16,9 +16,9 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from data.datamodule import JointBatchSampler, JointDataset
-from data.datasets import VideoClipDataset
+from data.datasets import SkippedMediaWarning, VideoClipDataset
 from jobs.editing.run import run
-from jobs.training import ConfigError, build_model, build_trainer, check_config, train
+from jobs.training import ConfigError, build_model, build_trainer, check_config, setup, train
 from tests.sd_layout import ROOT
 
 # A very small world so that a few dozen steps take seconds on two CPU cores.
@@ -333,3 +333,20 @@ def test_validation_writes_a_sampled_clip(tmp_path):
     assert [p.name for p in sampler.written] == ["step_0000002.mp4"]
     video = decord.VideoReader(str(sampler.written[0]))
     assert len(video) == 4 and video[0].shape == (32, 64, 3)  # input | output, 4 frames
+
+
+def test_data_that_gives_no_sample_is_one_line_before_training(tmp_path, video_folder):
+    """Clips of 24 frames cannot give 8 frames at stride 4 (29 needed): refused when the run
+    is set up, naming the data and the keys to change, not in a DataLoader worker."""
+    cfg = config(
+        tmp_path, "experiment=tiny", "data=videos", f"data.root={video_folder}",
+        "data.num_frames=8", "data.stride=4", "data.size=32",
+        "data.datamodule.num_workers=0", "data.datamodule.pin_memory=false",
+    )  # fmt: skip
+    with pytest.warns(SkippedMediaWarning), pytest.raises(ConfigError) as err:
+        setup(cfg)
+    message = str(err.value)
+    assert "too_short" in message and "data.stride" in message and "\n" not in message
+    cfg.data.stride = 2  # 15 frames: the two good clips give samples
+    with pytest.warns(SkippedMediaWarning):
+        setup(cfg)
