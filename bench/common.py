@@ -167,3 +167,8 @@ def machine_line(threads: Sequence[int] | None = None) -> str:
 def devices() -> list[str]:
     """CPU, and CUDA when present."""
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def summary(doc: str | None) -> str:
+    """A script docstring's first paragraph on one line (``--help``'s description)."""
+    return " ".join((doc or "").split("\n\n")[0].split())

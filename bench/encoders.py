@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import summary  # noqa: E402
 from model.encoders.clip import build_clip, clip_config  # noqa: E402
 from model.encoders.depth import MIDAS_CONFIGS, DepthEstimator, build_midas  # noqa: E402
 
@@ -62,7 +63,7 @@ def bench_clip(name: str, device: torch.device, dtype: torch.dtype, batch: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--depth", nargs="*", default=DEPTH_MODELS, choices=DEPTH_MODELS)
     parser.add_argument("--clip", nargs="*", default=CLIP_MODELS)
     parser.add_argument("--batch", type=int, default=None, help="frames per call (CPU 2, GPU 16)")

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import print_table  # noqa: E402
+from bench.common import print_table, summary  # noqa: E402
 
 # Peak dense bf16 tensor rates (TFLOP/s), matched in order against the device name.
 PEAK_BF16 = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("GH200", 989.4),
@@ -307,7 +307,7 @@ def rate_text(flops: float | None, seconds: float) -> str:
 
 def main() -> None:
     """Parse the arguments, run the checks, print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 rate")
     parser.add_argument("--skip", nargs="*", default=[], choices=["train", "edit", "ddp", "fsdp"])

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import edit_profile  # noqa: E402
-from bench.common import devices, peak_memory_mib, print_table, run_worker, time_call  # noqa: E402
+from bench.common import devices, peak_memory_mib, print_table, run_worker, summary, time_call  # noqa: E402
 from model.editing.pipeline import edit_video
 from model.editing.settings import EditSettings
 from model.training.gen1 import build_depth  # noqa: E402
@@ -143,7 +143,7 @@ def run_long(lengths: list[int], window: int, steps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--window", type=int, default=8, help="window length L")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--iters", type=int, default=2, help="timed edits per process")

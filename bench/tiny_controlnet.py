@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import summary  # noqa: E402
 from data.synthetic import SyntheticWorldDataset  # noqa: E402
 from model.editing.pipeline import edit_video, video_depth  # noqa: E402
 from model.editing.settings import EditSettings  # noqa: E402
@@ -94,7 +95,7 @@ def compare(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--clips", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strength", type=float, default=0.75)

@@ -28,6 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import summary  # noqa: E402
 from data.synthetic import SyntheticWorldDataset  # noqa: E402
 from data.world_render import render  # noqa: E402
 from model.editing.pipeline import edit_video  # noqa: E402
@@ -137,7 +138,7 @@ def score(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("command", choices=("images", "score"))
     parser.add_argument("path", help="images: the folder to write; score: the LoRA file")
     parser.add_argument("--look", default="a pink sphere")

@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import summary  # noqa: E402
 from data.synthetic import SyntheticWorldDataset  # noqa: E402
 from model.diffusion.loss import training_loss  # noqa: E402
 from model.editing.pipeline import edit_video  # noqa: E402
@@ -97,7 +98,7 @@ def edits(model, clip, count: int, settings: EditSettings) -> list[dict[str, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--clips", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strength", type=float, default=0.75)

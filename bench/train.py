@@ -30,6 +30,7 @@ from bench.common import (  # noqa: E402
     print_table,
     reuse_heap,
     run_worker,
+    summary,
 )
 
 # size -> (overrides, batch, frames, side)
@@ -114,7 +115,7 @@ def worker(size: str, device: str, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--worker", nargs=3)

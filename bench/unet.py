@@ -41,6 +41,7 @@ from bench.common import (  # noqa: E402
     print_table,
     reuse_heap,
     run_worker,
+    summary,
     time_call,
 )
 from model.editing.precision import cast_for_inference, native_bf16  # noqa: E402
@@ -205,7 +206,7 @@ def rows_of(results: dict) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--threads", nargs="+", type=int, default=[1])
     parser.add_argument("--iters", type=int, default=3, help="timed calls per process")

@@ -36,6 +36,7 @@ from bench.common import (  # noqa: E402
     print_table,
     reuse_heap,
     run_worker,
+    summary,
     time_call,
 )
 from model.nets.unet import UNet  # noqa: E402
@@ -199,7 +200,7 @@ def worker(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--iters", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
