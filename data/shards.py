@@ -34,7 +34,8 @@ from webdataset import tariterators
 from webdataset.gopen import gopen
 
 from data.datasets import IMAGE_EXTENSIONS, SkippedMediaWarning, read_image
-from data.video import REASONS, VIDEO_EXTENSIONS, MediaReadError, parse_size, read_clip
+from data.shard_skips import ShardSkipLog
+from data.video import VIDEO_EXTENSIONS, MediaReadError, parse_size, read_clip
 
 INDEX_FORMAT = "gen1-shards/1"
 VIDEO_EXTS = tuple(e.lstrip(".") for e in VIDEO_EXTENSIONS)
@@ -236,34 +237,6 @@ class LaneReader:
         if self.emitted == len(self.items):
             self._start_epoch(self.epoch + 1, 0)
         return sample_id, sample
-
-
-class ShardSkipLog:
-    """Which samples of a shard set failed and why, in shared memory (read by every worker)."""
-
-    def __init__(self, index: ShardIndex) -> None:
-        self.index = index
-        self.codes = torch.zeros(index.total, dtype=torch.uint8).share_memory_()
-
-    def mark(self, sample_id: int, reason: str) -> bool:
-        """Record a failed sample; True the first time (when to warn)."""
-        if self.codes[sample_id]:
-            return False
-        self.codes[sample_id] = REASONS.index(reason) + 1
-        return True
-
-    def is_skipped(self, sample_id: int) -> bool:
-        """Whether sample ``sample_id`` (a global index into the shard set) was skipped."""
-        return bool(self.codes[sample_id])
-
-    def all_skipped(self) -> bool:
-        """Whether every sample was skipped (nothing left to train on)."""
-        return bool(self.codes.all())
-
-    def as_dict(self) -> dict[str, str]:
-        """Skipped samples as {"SHARD_URL#KEY": reason}."""
-        found = torch.nonzero(self.codes).flatten().tolist()
-        return {self.index.name(i): REASONS[int(self.codes[i]) - 1] for i in found}
 
 
 def _extension(sample: dict, choices: tuple[str, ...]) -> str | None:
