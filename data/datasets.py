@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,11 +115,13 @@ def _manifest_entry(manifest: Path, number: int, row: object) -> MediaEntry:
 
 
 class SkipLog:
-    """Which entries failed to read and why, in shared memory so workers' findings reach all."""
+    """Which of ``count`` entries failed to read and why: one byte each in shared memory, so
+    what one DataLoader worker finds unreadable every worker skips. ``name_of(i)`` names
+    entry ``i`` in reports (a file path, a shard sample)."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = list(paths)
-        self.codes = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
+    def __init__(self, count: int, name_of: Callable[[int], str]) -> None:
+        self.name_of = name_of
+        self.codes = torch.zeros(count, dtype=torch.uint8).share_memory_()
 
     def mark(self, index: int, reason: str) -> bool:
         """Record entry ``index`` as skipped; True the first time (when to warn)."""
@@ -132,10 +134,14 @@ class SkipLog:
         """Whether entry ``index`` is known to be unreadable."""
         return bool(self.codes[index])
 
+    def all_skipped(self) -> bool:
+        """Whether every entry was skipped (nothing left to train on)."""
+        return bool(self.codes.all())
+
     def as_dict(self) -> dict[str, str]:
-        """{path: reason} of every skipped entry."""
+        """{name: reason} of every skipped entry."""
         found = torch.nonzero(self.codes).flatten().tolist()
-        return {self.paths[i]: REASONS[int(self.codes[i]) - 1] for i in found}
+        return {self.name_of(i): REASONS[int(self.codes[i]) - 1] for i in found}
 
     def __len__(self) -> int:
         return int(torch.count_nonzero(self.codes))
@@ -155,7 +161,8 @@ class _MediaDataset(Dataset):
             raise ValueError(f"{type(self).__name__} needs exactly one of root= or manifest=")
         self.source = str(root if root is not None else manifest)
         self.entries = list_folder(root, extensions) if root else read_manifest(manifest)
-        self.skips = SkipLog([e.path for e in self.entries])
+        paths = [e.path for e in self.entries]
+        self.skips = SkipLog(len(paths), paths.__getitem__)
 
     @property
     def skipped(self) -> dict[str, str]:

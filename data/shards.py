@@ -33,8 +33,7 @@ import torch
 from webdataset import tariterators
 from webdataset.gopen import gopen
 
-from data.datasets import IMAGE_EXTENSIONS, SkippedMediaWarning, read_image
-from data.shard_skips import ShardSkipLog
+from data.datasets import IMAGE_EXTENSIONS, SkipLog, SkippedMediaWarning, read_image
 from data.video import VIDEO_EXTENSIONS, MediaReadError, parse_size, read_clip
 
 INDEX_FORMAT = "gen1-shards/1"
@@ -277,7 +276,7 @@ class ShardClips:
             raise ValueError(f"shard index {index} holds {held}: use {fix}")
         self.num_frames, self.size = num_frames, parse_size(size)
         self.fps, self.stride, self.train, self.shuffle = fps, stride, train, shuffle
-        self.skips = ShardSkipLog(self.index)
+        self.skips = SkipLog(self.index.total, self.index.name)
 
     def first_readable(self) -> dict:
         """The first sample of the set that decodes, read here (a training run checks its
