@@ -283,19 +283,18 @@ class ShardClips:
         data with it before any worker starts). ``RuntimeError`` naming the set and why its
         samples failed when none does."""
         reader = LaneReader(self.index, 0, 1, seed=0, buffer=0)
-        failed: list[str] = []
+        first_failure = None
         for _ in range(self.index.total):
             sample_id, raw = next(reader)
-            if raw is None:
-                failed.append(f"{self.index.name(sample_id)}: missing from its shard")
-                continue
             try:
+                if raw is None:
+                    raise MediaReadError(self.index.name(sample_id), "corrupt", "not in its shard")
                 return self.decode(raw, np.random.default_rng([0, sample_id]))
             except MediaReadError as err:
-                failed.append(str(err))
+                first_failure = first_failure or str(err)
         raise RuntimeError(
             f"none of the {self.index.total} samples of {self.index.location} could be read "
-            f"(first: {failed[0] if failed else 'none'})"
+            f"(first: {first_failure})"
         )
 
     @property

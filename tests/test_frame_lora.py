@@ -75,12 +75,12 @@ def test_video_frames_take_their_own_weight_through_model_fn(sd):
     scale[:, :, 1] = 0.0  # the second file off everywhere
     frame_loras = FrameLoras(loras, unet)
     try:
-        with frame_lora_rows(frame_loras, x, scale):
+        with frame_lora_rows(frame_loras, scale):
             out = unet(x, t, ctx, temporal=False)
         with pytest.raises(RuntimeError, match="outside"):
             unet(x, t, ctx, temporal=False)  # an unset weight is an error, not 0
         with pytest.raises(ValueError, match="rows"):
-            with frame_lora_rows(frame_loras, x, scale[:, :2]):
+            with frame_lora_rows(frame_loras, scale[:, :2]):
                 unet(x, t, ctx, temporal=False)
     finally:
         frame_loras.remove()
@@ -88,4 +88,4 @@ def test_video_frames_take_their_own_weight_through_model_fn(sd):
         expected = merged_output(unet, loras, [w, 0.0], x[:, f : f + 1], t, ctx, temporal=False)
         torch.testing.assert_close(out[:, f : f + 1], expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="no keyframed LoRA"):
-        frame_lora_rows(None, x, scale)
+        frame_lora_rows(None, scale)

@@ -12,7 +12,6 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from data.media import MediaError, read_image
-from jobs.editing.loras import entry_weights
 from jobs.editing.request import InferError
 from model.editing.content import image_content, text_content
 from model.editing.keyframes import (
@@ -117,11 +116,12 @@ class KeyframeSchedule:
 
 
 def keyframe_schedule(
-    cfg, keys, model, kind, base, device, dtype, prompt_content
+    cfg, keys, model, kind, base, device, dtype, prompt_content, lora_weights=()
 ) -> KeyframeSchedule:
     """Encode every keyframe's content (``prompt_content(text)``: the edit's own text route,
     the prior or SD's encoder; references through CLIP); keyframes without content take
-    the edit's own content ``base`` (at frame 0 when no keyframe sets it)."""
+    the edit's own content ``base`` (at frame 0 when no keyframe sets it). ``lora_weights``:
+    the edit's own weight of each ``lora`` file, where no keyframe gives one."""
     frames, embeddings = [], []
     with autocast(device, dtype):
         for key in keys:
@@ -141,7 +141,7 @@ def keyframe_schedule(
         frames.insert(0, 0)
         embeddings.insert(0, _vector(base))
     defaults = {k: float(cfg[k]) for k in SCALARS}
-    defaults |= {lora_key(i): w for i, w in enumerate(entry_weights(cfg))}
+    defaults |= {lora_key(i): float(w) for i, w in enumerate(lora_weights)}
     return KeyframeSchedule(keys, frames, torch.stack(embeddings), base, defaults)
 
 

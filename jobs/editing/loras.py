@@ -66,10 +66,11 @@ def apply_loras(
     try:
         if keyframed:
             model.frame_loras = FrameLoras([lora for lora, _ in loras], unet)
-            if text is not None:  # prompts are encoded once: their LoRA stays merged
-                parts = [(_text_part(lora), w) for lora, w in loras if _text_part(lora).pairs]
-                merge_loras(parts, unet, text)
-            return [_keyframed_entry(lora, weight, text is not None) for lora, weight in loras]
+            texts = [(_text_part(lora), w) for lora, w in loras] if text is not None else []
+            texts = [(part, w) for part, w in texts if part.pairs]
+            merge_loras(texts, unet, text)  # prompts are encoded once: their LoRA stays merged
+            merged_text = {part.path for part, _ in texts}
+            return [_keyframed_entry(lora, w, lora.path in merged_text) for lora, w in loras]
         merged: MergedLoras = merge_loras(loras, unet, text, skip_text=kind != "sd")
     except CheckpointError as err:
         raise InferError(str(err)) from None
@@ -83,9 +84,9 @@ def apply_loras(
     ]
 
 
-def _keyframed_entry(lora: LoraFile, weight: float, has_text: bool) -> dict:
-    """The sidecar's record of a LoRA whose UNet weight the keyframes schedule."""
-    text = has_text and bool(_text_part(lora).pairs)
+def _keyframed_entry(lora: LoraFile, weight: float, text: bool) -> dict:
+    """The sidecar's record of a LoRA whose UNet weight the keyframes schedule (``text``:
+    its text-encoder part was merged at ``weight``)."""
     return {
         "file": str(Path(lora.path).resolve()),
         "sha256": file_sha256(lora.path),
@@ -99,9 +100,3 @@ def _keyframed_entry(lora: LoraFile, weight: float, has_text: bool) -> dict:
 def _text_part(lora: LoraFile) -> LoraFile:
     """The file's text-encoder pairs alone."""
     return replace(lora, pairs=[p for p in lora.pairs if p.part != "unet"])
-
-
-def entry_weights(cfg: DictConfig) -> list[float]:
-    """The weight of each ``lora`` entry (1.0 where none is given), in order."""
-    entries = cfg.get("lora") or []
-    return [1.0 if isinstance(e, str) else float(e.get("weight", 1.0)) for e in entries]

@@ -87,7 +87,10 @@ def run(cfg: DictConfig) -> dict:
         if kind != "sd" and cfg.prompt_mode == "prior" and any(k.prompt for k in keys):
             prior = prompt_prior(cfg, model.clip.embed_dim, device, seed)
         route = prompt_route(cfg, model, kind, prior)
-        keyframes = keyframe_schedule(cfg, keys, model, kind, content, device, dtype, route)
+        weights = [weight for _, weight in loras]
+        keyframes = keyframe_schedule(
+            cfg, keys, model, kind, content, device, dtype, route, weights
+        )
     edit = dict(
         generator=torch.Generator().manual_seed(seed),
         autocast_dtype=dtype,

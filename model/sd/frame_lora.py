@@ -112,12 +112,10 @@ class FrameLoras:
         return hook
 
 
-def frame_lora_rows(
-    frame_loras: FrameLoras | None, x: torch.Tensor, lora_scale: torch.Tensor | None
-):
+def frame_lora_rows(frame_loras: FrameLoras | None, lora_scale: torch.Tensor | None):
     """The context a model's UNet call runs in: ``frame_loras.rows`` with the per-frame LoRA
-    weights ``lora_scale`` ``(B, F, L, 1, 1)`` of a video ``x`` ``(B, F, C, h, w)`` laid out
-    as the UNet's rows ``(B F, L)``; nothing to do without them. ``ValueError`` when weights
+    weights ``lora_scale`` ``(B, F, L, 1, 1)`` of a video ``(B, F, C, h, w)`` laid out as the
+    UNet's rows ``(B F, L)``; nothing to do without them. ``ValueError`` when weights
     are given to a model with no keyframed LoRA."""
     if lora_scale is None:
         return contextlib.nullcontext()

@@ -185,7 +185,7 @@ class StableDiffusion(nn.Module):
             extra = [e.to(x.dtype) for e in (structure, concat) if e is not None]
             if extra:
                 x = torch.cat([x, *extra], dim=-3)
-            with frame_lora_rows(self.frame_loras, x, lora_scale):
+            with frame_lora_rows(self.frame_loras, lora_scale):
                 return unet(x, t, context, temporal=temporal, control=residuals)
 
         return fn

@@ -248,7 +248,7 @@ class Gen1(pl.LightningModule):
         def fn(x, t, context=None, structure=None, temporal=True, lora_scale=None):
             if self.structure_channels:
                 x = torch.cat([x, structure.to(x.dtype)], dim=-3)
-            with frame_lora_rows(self.frame_loras, x, lora_scale):
+            with frame_lora_rows(self.frame_loras, lora_scale):
                 return unet(x, t, context, temporal=temporal)
 
         return fn
