@@ -14,11 +14,13 @@ peak memory and the best time seen, on the CPU with one thread.
 
     python bench/infer.py --long [--lengths 16 64 256 1500] [--steps 2]
 
-edits videos of 16 to 1,500 frames both ways (``window.mode``): ``blend`` (every frame
-sampled together, the input and the latents of the whole video in memory) and
-``sequential`` (``model.editing.long``: window after window, frames made from their index
-as a reader would decode them, the output handed on and dropped as a writer would take it).
-One fresh process per (mode, length), one thread; peak memory above the model's and CPU time.
+edits videos of 16 to 1,500 frames each way (``window.mode``, ``--modes``): ``blend``
+(every frame sampled together, the input and the latents of the whole video in memory),
+``sequential`` (``model.editing.long``: window after window) and ``fifo``
+(``model.editing.fifo``: a queue at staggered noise levels), the last two with frames made
+from their index as a reader would decode them and the output handed on and dropped as a
+writer would take it. One fresh process per (mode, length), one thread; peak memory above
+the model's and CPU time.
 
     python bench/infer.py --profile [--cold] [--cases bundled sd15] [--frames 8] [--threads N]
 
@@ -92,6 +94,7 @@ def worker(device: str, frames: int, window: int, steps: int, iters: int) -> dic
 
 def long_worker(mode: str, frames: int, window: int, steps: int) -> dict:
     """Peak memory and time of one ``mode`` edit of a ``frames``-frame video (64x64)."""
+    from model.editing.fifo import edit_fifo_video
     from model.editing.long import edit_long_video
 
     torch.set_num_threads(1)
@@ -113,8 +116,9 @@ def long_worker(mode: str, frames: int, window: int, steps: int) -> dict:
             edit_video(gen1, read(list(range(frames))), content, settings,
                        depth_estimator=midas, generator=generator)  # fmt: skip
         else:
-            edit_long_video(gen1, frames, read, content, settings, lambda *out: None,
-                            depth_estimator=midas, generator=generator)  # fmt: skip
+            edit = edit_long_video if mode == "sequential" else edit_fifo_video
+            edit(gen1, frames, read, content, settings, lambda *out: None,
+                 depth_estimator=midas, generator=generator)  # fmt: skip
 
     # One call, timed as it runs: CPU time of the (one-thread) process, which other work on
     # a shared machine disturbs far less than wall time.
@@ -123,12 +127,12 @@ def long_worker(mode: str, frames: int, window: int, steps: int) -> dict:
     return {"peak_mib": peak, "time_s": time.process_time() - start}
 
 
-def run_long(lengths: list[int], window: int, steps: int) -> None:
-    """The table of ``--long``: blend and sequential at every length."""
+def run_long(lengths: list[int], window: int, steps: int, modes: list[str]) -> None:
+    """The table of ``--long``: every mode at every length."""
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     rows = []
     for frames in lengths:
-        for mode in ("blend", "sequential"):
+        for mode in modes:
             args = ["long", mode, str(frames), str(window), str(steps)]
             result = run_worker(__file__, args)
             rows.append({
@@ -138,7 +142,8 @@ def run_long(lengths: list[int], window: int, steps: int) -> None:
             })  # fmt: skip
             print(rows[-1], flush=True)
     print(f"\ncpu, one thread: tiny Gen-1 (random weights), {SIZE}x{SIZE}, windows of {window} "
-          f"frames, overlap 2, anchor frame 0, {steps} DPM++ 2M steps, w=7.5, w_t=1")  # fmt: skip
+          f"frames, overlap 2 (sequential), anchor frame 0 (sequential, fifo), {steps} "
+          "DPM++ 2M steps, w=7.5, w_t=1")  # fmt: skip
     print_table(rows, ["frames", "mode", "time_s", "ms/frame", "peak_mib"])
 
 
@@ -154,15 +159,16 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8, help="--profile: frames of the sd15 case")
     parser.add_argument("--threads", type=int, default=0, help="--profile: 0 the default")
     parser.add_argument("--worker", nargs="+")
-    parser.add_argument("--long", action="store_true", help="blend vs sequential, 16-1500 frames")
+    parser.add_argument("--long", action="store_true", help="window modes, 16-1500 frames")
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1500])
+    parser.add_argument("--modes", nargs="+", default=["blend", "sequential", "fifo"])
     args = parser.parse_args()
     if args.worker and args.worker[0] == "long":
         _, mode, frames, window, steps = args.worker
         print(json.dumps(long_worker(mode, int(frames), int(window), int(steps))))
         return
     if args.long:
-        run_long(args.lengths, args.window, args.steps)
+        run_long(args.lengths, args.window, args.steps, args.modes)
         return
     if args.worker and args.worker[0] == "profile":
         _, case, cold, frames, threads = args.worker

@@ -129,3 +129,27 @@ def test_bare_keys_load_and_mismatches_name_the_file(controlnet_file, tmp_path):
         load_controlnet(not_cn, params)
     with pytest.raises(FileNotFoundError, match="ControlNet file not found"):
         load_controlnet(tmp_path / "nope.safetensors", params)
+
+
+@torch.no_grad()
+def test_a_unit_acts_on_the_frames_at_its_steps_when_frames_have_their_own(controlnet_file):
+    """Timesteps per frame (a diagonal edit): a unit acting on the last half of the steps
+    adds its residuals to the frames at those steps only, each as a call at that step."""
+    from model.sd.control import Control, ControlUnit
+
+    path, params, _ = controlnet_file
+    net = load_controlnet(path, params)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, params["in_channels"], 8, 8, generator=gen)
+    hint = torch.rand(1, 2, 3, 64, 64, generator=gen)
+    context = torch.randn(1, 7, params["context_dim"], generator=gen)
+    control = Control((ControlUnit(net, hint, 0.8, 0.5, 1.0),)).for_steps(
+        torch.tensor([900.0, 600.0, 300.0, 100.0])
+    )
+    t = torch.tensor([[900.0, 100.0]])  # frame 0 at step 0 (unit off), frame 1 at step 3
+    both = control.residuals(x, t, context, hint)
+    late = control.residuals(x[:, 1:], t[:, 1], context, hint[:, 1:])
+    assert control.residuals(x[:, :1], t[:, 0], context, hint[:, :1]) is None
+    for joint, alone in zip(both, late, strict=True):
+        assert joint[0].abs().max() == 0
+        torch.testing.assert_close(joint[1:], alone, atol=1e-5, rtol=1e-5)

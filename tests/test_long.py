@@ -209,6 +209,33 @@ def test_infer_sequential_streams_every_frame_with_audio_mask_and_preview(files,
     assert right < 0.1 < 0.5 < left  # kept outside the mask (up to yuv420p chroma), edited in
 
 
+def test_infer_fifo_streams_every_frame_in_order_with_mask_and_sidecar(files, tmp_path):
+    """window.mode=fifo through infer.py: all 24 frames written one by one as they leave
+    the queue, the unmasked half the input's, the frames' groups in the sidecar."""
+    out = tmp_path / "fifo.mp4"
+    cfg = config(
+        f"input={files / 'clip.mp4'}",
+        f"output={out}",
+        f"checkpoint={files / 'tiny.ckpt'}",
+        f"reference={files / 'red.png'}",
+        f"mask={files / 'mask.png'}",
+        "window.mode=fifo",
+        "window.frames_per_level=1",
+        "sampler=dpmpp_2m",
+        *FAST,
+    )
+    done = infer.run(cfg)
+    frames, _ = read(out)
+    assert frames.shape[0] == 24
+    assert done["windows"] == [(k, k + 1) for k in range(24)]  # one frame leaves at a time
+    assert done["edit"]["window_length"] == 4
+    source = media.read_frames(files / "clip.mp4", list(range(24)), (24, 32))[0]
+    edited = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+    right = (edited - source)[..., 20:].abs().mean()
+    left = (edited - source)[..., :12].abs().mean()
+    assert right < 0.1 < 0.5 < left
+
+
 def test_drift_is_zero_for_a_still_video_and_sees_a_colour_creep():
     still = torch.rand(1, 3, 16, 16).expand(12, -1, -1, -1) * 2 - 1
     curve = drift_curve(still, block=4)
@@ -241,15 +268,63 @@ def test_eval_long_mode_writes_the_drift_table_csv_and_plot(tmp_path):
     out = tmp_path / "long"
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("eval", overrides=[
-            "mode=long", f"output_dir={out}", "long.num_frames=14", "long.block=4",
+            "mode=long", f"output_dir={out}", "long.num_frames=18", "long.block=6",
             "long.steps=1", "progress=false",
         ])  # fmt: skip
     outcome = modes.run(cfg)
     assert sorted(p.name for p in out.iterdir()) == ["long.csv", "long.json", "long.md", "long.png"]
-    assert set(outcome["mean"]) == {"none", "first", "input"}
-    assert outcome["mean"]["first"]["windows"] == 3  # 8 frames, then 5 new, then 1
-    assert len(outcome["curves"]["input"]["colour"]) == 4
-    assert (out / "long.csv").read_text().count("\n") == 1 + 3 * 4
+    runs = {f"{m} {a}" for m in ("sequential", "fifo") for a in ("none", "first")}
+    assert set(outcome["mean"]) == runs | {"input"}
+    assert outcome["mean"]["sequential first"]["windows"] == 3  # 8 frames, then 5 new twice
+    assert outcome["mean"]["fifo first"]["mode"] == "fifo"
+    assert outcome["mean"]["fifo none"]["periodic_step"] >= 1
+    assert len(outcome["curves"]["input"]["colour"]) == 3
+    assert (out / "long.csv").read_text().count("\n") == 1 + 5 * 3
+    assert "| fifo, anchors [0] |" in (out / "long.md").read_text()
+
+
+def test_eval_long_mode_takes_a_real_clip_with_its_flow_estimated(tmp_path):
+    """long.input: a real video (a textured image panning right) edited both ways, its
+    flow estimated; the table names the clip, its width keeps the aspect (96x64 -> 64 high,
+    96 wide), the input's own warp error under the estimated flow is small."""
+    import cv2
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from jobs.evaluation import modes
+    from tests.media_files import write_media
+    from tests.sd_layout import ROOT
+
+    rng = np.random.default_rng(0)
+    texture = cv2.resize(rng.integers(0, 255, (8, 24, 3)).astype(np.uint8), (192, 64))
+    frames = np.stack([np.roll(texture, k, axis=1)[:, :96] for k in range(18)])
+    clip = write_media(tmp_path / "pan.mp4", frames, fps=25)
+    out = tmp_path / "real"
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("eval", overrides=[
+            "mode=long", f"output_dir={out}", f"long.input={clip}", "long.num_frames=40",
+            "long.block=6", "long.steps=1", "long.modes=[fifo]", "progress=false",
+        ])  # fmt: skip
+    outcome = modes.run(cfg)
+    table = (out / "long.md").read_text()
+    assert "The real clip pan.mp4 of 18 frames (0.72 s at 25 fps, 96x64)" in table
+    assert set(outcome["mean"]) == {"fifo none", "fifo first", "input"}
+    assert outcome["mean"]["input"]["warp_error"] < 0.02  # the pan, followed by the flow
+
+
+def test_eval_long_mode_names_an_unreadable_real_clip(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from jobs.evaluation import modes
+    from jobs.evaluation.settings import EvalError
+    from tests.sd_layout import ROOT
+
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("eval", overrides=["mode=long", f"long.input={bad}", "progress=false"])
+    with pytest.raises(EvalError, match="long.input: .*broken.mp4"):
+        modes.run(cfg)
 
 
 def test_infer_sequential_with_an_sd_file_controlnet_keyframes_and_a_method(tmp_path):
@@ -267,3 +342,16 @@ def test_infer_sequential_with_an_sd_file_controlnet_keyframes_and_a_method(tmp_
     assert read(out)[0].shape[0] == 12
     assert done["keyframes"]["content_keyframes"] == [0, 11]
     assert done["controlnet"][0]["hint"] == "canny" and done["method"] == "cross_frame"
+
+
+def test_periodic_step_finds_a_seam_of_any_period():
+    from model.metrics.drift import periodic_step
+
+    flat = torch.ones(40)
+    assert periodic_step(flat)[0] == 1.0
+    seams = torch.ones(40)
+    seams[4::5] = 3.0  # a step every 5 pairs, at phase 4
+    ratio, period, phase = periodic_step(seams)
+    assert (period, phase) == (5, 4) and ratio == pytest.approx(3.0 / 1.4)
+    with pytest.raises(ValueError, match="at least 16"):
+        periodic_step(torch.ones(10))

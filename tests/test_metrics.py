@@ -104,3 +104,27 @@ def test_sharpness_falls_with_blur():
     blurred = F.conv2d(F.pad(frames, (2, 2, 2, 2), mode="replicate"), kernel, groups=3)
     assert sharpness(blurred) < 0.2 * sharpness(frames)
     assert sharpness(torch.zeros(1, 3, 8, 8)) == 0.0
+
+
+def test_estimated_flow_finds_a_shift_and_masks_what_leaves_the_frame():
+    """Farneback on a smooth image moved 2 pixels right per frame: flow (2, 0) inside,
+    invalid where a pixel would leave the frame; the warp error under it is near 0."""
+    from model.metrics.flow import estimated_flow
+    from model.metrics.video import warp_error
+
+    gen = torch.Generator().manual_seed(0)
+    base = (
+        torch.nn.functional.interpolate(
+            torch.rand(1, 3, 12, 20, generator=gen), size=(48, 80), mode="bicubic"
+        ).clamp(0, 1)
+        * 2
+        - 1
+    )
+    frames = torch.cat([torch.roll(base, 2 * k, dims=-1) for k in range(3)])[:, :, :, 8:72]
+    flow, valid = estimated_flow(frames)
+    assert flow.shape == (2, 2, 48, 64) and valid.shape == (2, 48, 64)
+    inside = flow[:, :, 8:-8, 8:-8]
+    assert (inside[:, 0] - 2).abs().median() < 0.2 and inside[:, 1].abs().median() < 0.2
+    assert not valid[:, :, -1].any()  # the last column moves out of the frame
+    assert valid[:, 8:-8, 8:-8].float().mean() > 0.9
+    assert warp_error(frames, flow, valid) < 0.1 * warp_error(frames, torch.zeros_like(flow))

@@ -90,6 +90,23 @@ def test_per_clip_temporal_gate_equals_separate_calls(sd_file):
     assert torch.allclose(mixed[1:], video(x[1:], t[1:], context[1:], temporal=False), atol=1e-5)
 
 
+@torch.no_grad()
+def test_a_timestep_per_frame_is_each_frame_at_its_own_step(sd_file):
+    """Timesteps (B, F) (a diagonal edit's queue): with the temporal layers off, frame k
+    equals the image model at its own timestep; on, the frames still mix."""
+    image = loaded(sd_file)
+    video = loaded(sd_file, temporal=True)
+    x, _, context = video_inputs(3)
+    t = torch.tensor([[20, 400, 900], [5, 5, 600]])
+    out = video(x, t, context, temporal=False)
+    for f in range(3):
+        assert (out[:, f] - image(x[:, f], t[:, f], context)).abs().max() < 1e-5
+    perturb_temporal(video)
+    staggered = video(x, t, context)
+    assert (staggered - video(x, t, context, temporal=False)).abs().max() > 1e-3
+    assert (staggered - video(x, t[:, 0], context)).abs().max() > 1e-3  # t used per frame
+
+
 def test_gradient_checkpointing_gives_same_loss_and_gradients(sd_file):
     plain = loaded(sd_file, temporal=True).train()
     perturb_temporal(plain)

@@ -70,9 +70,9 @@ class Inputs:
 
 
 def sequential(cfg: DictConfig) -> bool:
-    """Whether the edit runs window after window, streaming frames from the input to the
-    output (``window.mode=sequential``: flat memory for long videos)."""
-    return cfg.window.get("mode", "blend") == "sequential"
+    """Whether the edit streams frames from the input to the output in flat memory, window
+    after window (``window.mode=sequential``) or through a queue (``fifo``)."""
+    return cfg.window.get("mode", "blend") in ("sequential", "fifo")
 
 
 def feather(mask: torch.Tensor, pixels: float) -> torch.Tensor:

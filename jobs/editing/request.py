@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from data.media import (
     SourceVideo,
 )
+from model.editing.fifo import check_fifo_settings, frames_per_level
 from model.editing.long import long_windows
 from model.editing.methods import get_method, method_names
 from model.editing.precision import native_bf16
@@ -141,17 +142,25 @@ def check_request(cfg: DictConfig, kind: str) -> None:
 
 
 def check_window_mode(cfg: DictConfig) -> None:
-    """``window.mode`` blend or sequential; a sequential edit's anchors, whole frame numbers
-    that leave room for new frames in every window."""
+    """``window.mode`` blend, sequential or fifo; the anchors of a sequential or fifo edit,
+    whole frame numbers that leave room for new frames in every window; a fifo edit's
+    sampler, method and ``frames_per_level``."""
     window = cfg.window
     mode = window.get("mode", "blend")
-    if mode not in ("blend", "sequential"):
-        raise InferError(f"window.mode must be blend or sequential, got {mode!r}")
-    if mode != "sequential":
+    if mode not in ("blend", "sequential", "fifo"):
+        raise InferError(f"window.mode must be blend, sequential or fifo, got {mode!r}")
+    if mode == "blend":
         return
     anchors = window.get("anchors", [0])
     if isinstance(anchors, str) or not all(isinstance(a, int) and a >= 0 for a in anchors):
         raise InferError(f"window.anchors must be a list of frame numbers, got {anchors}")
+    if mode == "fifo":
+        try:
+            check_fifo_settings(edit_settings(cfg))
+            frames_per_level(window.length - len(set(anchors)), window.get("frames_per_level"))
+        except ValueError as err:
+            raise InferError(str(err)) from err
+        return
     hold = window.get("hold", 0.25)
     if isinstance(hold, bool) or not isinstance(hold, int | float) or not 0 <= hold <= 1:
         raise InferError(f"window.hold must be a number in [0, 1], got {hold!r}")

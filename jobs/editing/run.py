@@ -25,6 +25,7 @@ from jobs.editing.request import (
 )
 from model.diffusion.guidance import sdedit_steps
 from model.diffusion.windows import window_slices
+from model.editing.fifo import edit_fifo_video
 from model.editing.keyframes import lora_keys
 from model.editing.long import edit_long_video, long_windows
 from model.editing.pipeline import edit_video
@@ -37,7 +38,10 @@ def announce(cfg: DictConfig, inputs, device, dtype, factor: int) -> None:
     settings = edit_settings(cfg)
     (h, w), (ph, pw) = inputs.geometry.output, inputs.geometry.working
     count, length, overlap = len(inputs.indices), settings.window_length, settings.window_overlap
-    if sequential(cfg):
+    mode = cfg.window.get("mode", "blend")
+    if mode == "fifo":  # no windows: a queue, in calls of up to window.length frames
+        windows = []
+    elif sequential(cfg):
         windows = long_windows(count, length, overlap, list(cfg.window.anchors))
     else:
         windows = window_slices(count, length, overlap)
@@ -58,8 +62,9 @@ def announce(cfg: DictConfig, inputs, device, dtype, factor: int) -> None:
         settings.sampler,
         device,
         str(dtype or torch.float32).removeprefix("torch."),
-        ", window after window (sequential)" if sequential(cfg) else "",
-    )
+        {"sequential": ", window after window (sequential)", "fifo": ", by diagonal "
+         "denoising (fifo: no windows, calls of up to window.length frames)"}.get(mode, ""),
+    )  # fmt: skip
 
 
 def run(cfg: DictConfig) -> dict:
@@ -150,8 +155,10 @@ def _first(video: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def edit_in_windows(cfg, inputs, model, estimator, nets, content, outputs, edit, keyframes):
-    """A sequential edit (``model.editing.long``): each window's frames read from the input
-    file, edited beside the frames carried into it, and written as soon as they are made."""
+    """A streaming edit: window after window (``model.editing.long``: each window's frames
+    read from the input file, edited beside the frames carried into it) or through a queue
+    at staggered noise levels (``model.editing.fifo``); frames are written as soon as they
+    are made."""
     window = cfg.window
 
     def part(video: torch.Tensor | None):
@@ -166,7 +173,12 @@ def edit_in_windows(cfg, inputs, model, estimator, nets, content, outputs, edit,
         mask = inputs.mask
         return mask if mask.shape[1] == 1 else mask[:, positions]
 
-    return edit_long_video(
+    if window.get("mode") == "fifo":
+        edit_streaming = edit_fifo_video
+        extra = {"per_level": window.get("frames_per_level")}
+    else:
+        edit_streaming, extra = edit_long_video, {"hold": float(window.hold)}
+    return edit_streaming(
         model,
         len(inputs.indices),
         inputs.read_window,
@@ -180,6 +192,6 @@ def edit_in_windows(cfg, inputs, model, estimator, nets, content, outputs, edit,
         content_of=keyframes.content_of if keyframes is not None else None,
         schedule_of=keyframes.schedule_of if keyframes is not None else None,
         depth_estimator=estimator,
-        hold=float(window.hold),
+        **extra,
         **edit,
     )

@@ -1,35 +1,50 @@
 """``eval.py mode=long``: one long held-out world clip (a minute at 25 fps) edited window
-after window with and without anchor frames; drift of each second against the first (colour
-mean, colour histogram, CLIP embedding), warp error across window seams against inside
-windows, time and memory; a table, a CSV and a plot over time."""
+after window (``window.mode=sequential``) and by diagonal denoising (``fifo``), each with and
+without anchor frames; drift of each second against the first (colour mean, colour
+histogram, CLIP embedding), warp error across the sequential edit's window seams against
+inside its windows (for both modes: a diagonal edit has no windows, so its pairs there should
+be no worse), time and memory; a table, a CSV and a plot over time."""
 
 from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from data.media import MediaError, probe_video, read_frames
 from data.synthetic import SyntheticWorldDataset
 from data.world_render import render
 from jobs.evaluation.measure import measured
-from jobs.evaluation.settings import edit_settings
+from jobs.evaluation.settings import EvalError, edit_settings
 from model.editing.content import image_content
-from model.editing.long import edit_long_video
+from model.editing.fifo import edit_fifo_video
+from model.editing.long import edit_long_video, long_windows
 from model.editing.pipeline import video_depth
-from model.metrics.drift import DriftCurve, drift_curve, pair_warp_errors, seam_warp_error
-from model.metrics.video import flow_valid_mask
+from model.metrics.drift import (
+    DriftCurve,
+    drift_curve,
+    pair_warp_errors,
+    periodic_step,
+    seam_warp_error,
+)
+from model.metrics.flow import estimated_flow
+from model.metrics.video import flow_valid_mask, sharpness, structure_fidelity
 
 DRIFTS = {"colour": "colour mean", "histogram": "colour histogram", "clip": "CLIP embedding"}
 
 
 def long_clip(cfg: DictConfig) -> dict:
-    """Test-split clip 0 of the world at ``long.num_frames`` frames (its bodies placed clear
-    of the camera over the whole clip), rendered a piece at a time, with its exact flow and
-    the first frame of clip 1 as the content reference."""
+    """The clip ``long.input`` (a real video; ``real_clip``) or test-split clip 0 of the
+    world at ``long.num_frames`` frames (its bodies placed clear of the camera over the
+    whole clip), rendered a piece at a time, with its exact flow; the first frame of world
+    clip 1 is the content reference either way."""
+    if cfg.long.get("input"):
+        return real_clip(cfg)
     world = SyntheticWorldDataset(
         num_clips=2,
         num_frames=cfg.long.num_frames,
@@ -49,38 +64,70 @@ def long_clip(cfg: DictConfig) -> dict:
     }
 
 
-def edit_long(cfg: DictConfig, gen1, clip: dict, depth, anchors: list[int]):
-    """The sequential edit of the clip with ``anchors``: frames ``(F, 3, H, W)``, the
-    windows' ``[start, stop)`` and the cost."""
+def real_clip(cfg: DictConfig) -> dict:
+    """The first ``long.num_frames`` frames (all, if it has fewer) of the video
+    ``long.input`` at ``size`` pixels high (the width keeping its aspect, a multiple of 8),
+    with its flow estimated (``model.metrics.flow``), and the world's content reference."""
+    path = Path(cfg.long.input)
+    try:
+        source = probe_video(path, audio=False)
+    except MediaError as err:
+        raise EvalError(f"long.input: {err}") from err
+    count = min(int(cfg.long.num_frames), source.num_frames)
+    height, width = source.height, source.width
+    size = (cfg.size, max(8, round(cfg.size * width / height / 8) * 8))
+    frames = read_frames(source, list(range(count)), size)
+    flow, valid = estimated_flow(frames[0])
+    world = SyntheticWorldDataset(num_clips=2, num_frames=1, size=cfg.size,
+                                  seed=cfg.world_seed, split="test")  # fmt: skip
+    reference = render(world.scene(1), 1, world.size).frames
+    return {"frames": frames, "flow": flow, "valid": valid, "reference": reference,
+            "caption": path.stem, "name": path.name, "fps": source.fps}  # fmt: skip
+
+
+def edit_long(cfg: DictConfig, gen1, clip: dict, depth, anchors: list[int], mode: str):
+    """The edit of the clip window after window (``mode`` sequential) or by diagonal
+    denoising (fifo) with ``anchors``: frames ``(F, 3, H, W)``, the ``[start, stop)`` of
+    the frames each window of a sequential edit of these settings makes (where its seams
+    fall, for both modes) and the cost."""
     settings = edit_settings(cfg, cfg.w_t, cfg.t_s, steps=cfg.long.steps)
     frames = clip["frames"]
     parts: list[torch.Tensor] = []
-    bar = tqdm(total=frames.shape[1], desc=f"long edit, anchors {anchors}", unit="frame",
+    bar = tqdm(total=frames.shape[1], desc=f"{mode} edit, anchors {anchors}", unit="frame",
                disable=not cfg.progress)  # fmt: skip
 
     def sink(window, edited, source, window_depth):
         parts.append(edited[0])
         bar.update(edited.shape[1])
 
+    common = {
+        "anchors": anchors,
+        "read_depth": lambda idx: depth[:, idx],
+        "generator": torch.Generator().manual_seed(cfg.seed),
+    }
+    edit, extra = edit_long_video, {"hold": float(cfg.long.hold)}
+    if mode == "fifo":
+        edit, extra = edit_fifo_video, {}
+    content = image_content(gen1, clip["reference"])
     device = next(gen1.parameters()).device
-    result, cost = measured(
-        lambda: edit_long_video(
+    _, cost = measured(
+        lambda: edit(
             gen1,
             frames.shape[1],
             lambda idx: frames[:, idx],
-            image_content(gen1, clip["reference"]),
+            content,
             settings,
             sink,
-            anchors=anchors,
-            read_depth=lambda idx: depth[:, idx],
-            generator=torch.Generator().manual_seed(cfg.seed),
-            hold=float(cfg.long.hold),
-        ),
+            **common,
+            **extra,
+        ),  # fmt: skip
         device,
     )
     bar.close()
     out = torch.cat(parts)
-    return out, result.windows, {**cost, "seconds_per_frame": cost["seconds"] / out.shape[0]}
+    plan = long_windows(out.shape[0], settings.window_length, settings.window_overlap, anchors)
+    windows = [(w.new[0], w.new[-1] + 1) for w in plan]
+    return out, windows, {**cost, "seconds_per_frame": cost["seconds"] / out.shape[0]}
 
 
 def run_long(cfg: DictConfig, gen1, estimator, _clips=None) -> dict:
@@ -91,35 +138,45 @@ def run_long(cfg: DictConfig, gen1, estimator, _clips=None) -> dict:
     block = cfg.long.block
     curves = {"input": drift_curve(clip["frames"][0], block, gen1.clip)}
     rows = {}
-    for label, anchors in cfg.long.anchors.items():
-        frames, windows, cost = edit_long(cfg, gen1, clip, depth, list(anchors))
+    runs = [(m, name, a) for m in cfg.long.modes for name, a in cfg.long.anchors.items()]
+    for mode, name, anchors in runs:
+        label = f"{mode} {name}"
+        frames, windows, cost = edit_long(cfg, gen1, clip, depth, list(anchors), mode)
         curves[label] = drift_curve(frames, block, gen1.clip)
         pairs = pair_warp_errors(frames, clip["flow"], clip["valid"])
         across, inside = seam_warp_error(pairs, windows)
+        step, period, phase = periodic_step(pairs, cfg.window.length)
+        edited_depth = video_depth(gen1, frames[None], estimator, cfg.chunk_size)
         rows[label] = {
+            "structure_fidelity": structure_fidelity(depth[0], edited_depth[0]),
+            "sharpness": sharpness(frames),
+            "mode": mode,
             "anchors": list(anchors),
             "windows": len(windows),
             "warp_error": float(pairs.nanmean()),
             "warp_error_seams": across,
             "warp_error_inside": inside,
+            "periodic_step": step,
+            "periodic_step_at": [period, phase],
             **{f"{k}_drift_end": _tail(getattr(curves[label], k)) for k in DRIFTS},
             **{f"{k}_drift_max": max(getattr(curves[label], k)) for k in DRIFTS},
             **cost,
         }
     rows["input"] = {
+        "sharpness": sharpness(clip["frames"][0]),
         **{f"{k}_drift_end": _tail(getattr(curves["input"], k)) for k in DRIFTS},
         **{f"{k}_drift_max": max(getattr(curves["input"], k)) for k in DRIFTS},
         "warp_error": float(
             pair_warp_errors(clip["frames"][0], clip["flow"], clip["valid"]).nanmean()
         ),
     }
-    fps = float(cfg.long.fps)
+    fps = float(clip.get("fps", cfg.long.fps))
     return {
-        "table": long_table(cfg, rows),
+        "table": long_table(cfg, rows, clip, fps),
         "mean": rows,
         "curves": {k: vars(c) for k, c in curves.items()},
         "texts": {"long.csv": curves_csv(curves, fps)},
-        "figures": {"long.png": plot_drift(curves, fps, cfg.long.num_frames)},
+        "figures": {"long.png": plot_drift(curves, fps, clip["frames"].shape[1])},
     }
 
 
@@ -129,33 +186,49 @@ def _tail(values: list[float], share: float = 1 / 6) -> float:
     return sum(values[-count:]) / count
 
 
-def long_table(cfg: DictConfig, rows: dict) -> str:
+def long_table(cfg: DictConfig, rows: dict, clip: dict, fps: float) -> str:
     """The markdown table of ``run_long``."""
-    seconds = cfg.long.num_frames / cfg.long.fps
+    count, height, width = clip["frames"].shape[1], *clip["frames"].shape[-2:]
+    what = f"The real clip {clip['name']}" if "name" in clip else "One held-out world clip"
+    flow = "its flow estimated (Farneback, forward-backward checked)" if "name" in clip else (
+        "the world's exact flow")  # fmt: skip
     head = (
-        f"One held-out world clip of {cfg.long.num_frames} frames ({seconds:g} s at "
-        f"{cfg.long.fps} fps, {cfg.size}x{cfg.size}), edited window after window "
-        f"(window.mode=sequential, {cfg.window.length} frames, overlap {cfg.window.overlap}, "
-        f"{cfg.long.steps} {cfg.sampler} steps, w={cfg.w}, t_s={cfg.t_s}). Drift: distance of "
-        f"each {cfg.long.block}-frame block to the first block; 'end' is the mean over the "
-        "last sixth of the clip, 'max' the largest. Warp error (x1e-3) with the world's exact "
-        "flow, across window seams and inside windows.\n\n"
+        f"{what} of {count} frames ({count / fps:g} s at {fps:g} fps, {width}x{height}), "
+        "edited window after window "
+        f"(window.mode=sequential, {cfg.window.length} frames, overlap {cfg.window.overlap}) "
+        f"and by diagonal denoising (window.mode=fifo, UNet calls of {cfg.window.length} "
+        f"frames), {cfg.long.steps} {cfg.sampler} steps, w={cfg.w}, t_s={cfg.t_s}. Drift: "
+        f"distance of each {cfg.long.block}-frame block to the first block; 'end' is the mean "
+        f"over the last sixth of the clip, 'max' the largest. Warp error (x1e-3) with {flow}, "
+        "across the sequential edit's window seams and inside its windows "
+        "(the same frame pairs for both modes); worst step: the largest mean warp error of "
+        "the pairs at one phase of a period P (2 to the window length) over the mean of all "
+        "pairs, which finds a seam of any period (about 1: none). SF: structure fidelity, "
+        "MiDaS depth of the edit against the input's (1 - r^2, lower is closer); sharpness: "
+        "mean squared Laplacian of the luma (a frozen or blurred edit scores low warp error "
+        "but loses these).\n\n"
     )
     columns = (
         "| | colour end / max | histogram end / max | CLIP end / max | warp all | seams "
-        "| inside | s / frame | peak MiB |"
+        "| inside | worst step | SF | sharpness | s / frame | peak MiB |"
     )
-    lines = [columns, "|---" * 9 + "|"]
+    lines = [columns, "|---" * 12 + "|"]
     for label, r in rows.items():
         drift = [f"{r[f'{k}_drift_end']:.4f} / {r[f'{k}_drift_max']:.4f}" for k in DRIFTS]
         warp = [
             f"{1e3 * r[k]:.2f}" if k in r else ""
             for k in ("warp_error", "warp_error_seams", "warp_error_inside")
         ]
+        step = ""
+        if "periodic_step" in r:
+            step = f"{r['periodic_step']:.2f}x (P {r['periodic_step_at'][0]})"
+        looks = [step] + [
+            f"{r[k]:.4f}" if k in r else "" for k in ("structure_fidelity", "sharpness")
+        ]
         cost = [f"{r['seconds_per_frame']:.3f}" if "seconds_per_frame" in r else "",
                 f"{r['peak_mib']:.0f}" if "peak_mib" in r else ""]  # fmt: skip
-        name = label if label == "input" else f"edit, anchors {label} {r['anchors']}"
-        lines.append("| " + " | ".join([name, *drift, *warp, *cost]) + " |")
+        name = label if label == "input" else f"{r['mode']}, anchors {r['anchors']}"
+        lines.append("| " + " | ".join([name, *drift, *warp, *looks, *cost]) + " |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -182,11 +255,11 @@ def plot_drift(curves: dict[str, DriftCurve], fps: float, num_frames: int) -> Fi
                 continue
             seconds = [s / fps for s in curve.start]
             style = {"ls": "--", "color": "0.4"} if label == "input" else {}
-            name = label if label == "input" else f"edit, anchors {label}"
+            name = label if label == "input" else label.replace(" ", ", anchors ")
             panel.plot(seconds, values, label=name, lw=1.4, **style)
         panel.set_title(f"{title}: distance to the first second")
         panel.set_xlabel("time (s)")
         panel.grid(alpha=0.3)
     panels[0].legend(fontsize=8)
-    figure.suptitle(f"Drift of a {num_frames / fps:g} s edit, window after window")
+    figure.suptitle(f"Drift of a {num_frames / fps:g} s edit")
     return figure

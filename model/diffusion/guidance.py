@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from model.diffusion.samplers import Denoiser
-from model.diffusion.schedule import append_dims
+from model.diffusion.schedule import append_dims, batch_sigma
 
 
 class Gen1Guidance:
@@ -59,7 +59,7 @@ class Gen1Guidance:
         kwargs_of = {"cond": cond, "uncond": {**cond, **(uncond or {})}}
         branches = self.branches(w, w_t)  # never empty: the coefficients sum to 1
         batch = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device).expand(batch)
+        sigma = batch_sigma(sigma, x)
         merged = batch_branches([kwargs_of[content] for content, _, _ in branches], batch)
         temporal = torch.tensor([t for _, t, _ in branches for _ in range(batch)], device=x.device)
         n = len(branches)
@@ -112,7 +112,7 @@ class ClassifierFreeGuidance:
         if not isinstance(w, torch.Tensor) and w == 1.0:
             return self.denoiser(x, sigma, **cond)
         batch = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device).expand(batch)
+        sigma = batch_sigma(sigma, x)
         merged = batch_branches([{**cond, **(uncond or {})}, cond], batch)
         out_uncond, out_cond = self.denoiser(
             torch.cat([x, x]), torch.cat([sigma, sigma]), **merged
@@ -177,7 +177,7 @@ class MaskedDenoiser:
         return torch.where(released, self.release.mask.to(self.mask), self.mask)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
+        sigma = batch_sigma(sigma, x)
         mask = self.mask_at(sigma)
         noised_source = self.source + append_dims(sigma, x.ndim) * self.noise
         x = mask * x + (1 - mask) * noised_source

@@ -22,6 +22,7 @@ from tqdm.auto import trange
 from model.diffusion.schedule import (
     DiscreteSchedule,
     append_dims,
+    batch_sigma,
     check_parameterization,
     get_scalings,
 )
@@ -50,7 +51,7 @@ class DiscreteDenoiser:
         self.quantize = quantize
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
+        sigma = batch_sigma(sigma, x)  # (B,), or (B, F): a noise level per frame
         c_skip, c_out, c_in = (
             append_dims(c, x.ndim) for c in get_scalings(sigma, self.parameterization)
         )

@@ -34,6 +34,18 @@ def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
     return x.reshape(*x.shape, *([1] * (ndim - x.ndim)))
 
 
+def batch_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """``sigma`` (a number or ``(B,)``) expanded to ``(B,)`` for ``x``'s batch, or, given per
+    frame of a video ``x`` ``(B, F, C, h, w)`` as ``(B or 1, F)``, to ``(B, F)``: every frame
+    at its own noise level (``model.editing.diagonal``: frames queued at staggered levels)."""
+    sigma = torch.as_tensor(sigma, device=x.device)
+    if sigma.ndim == 2:
+        if x.ndim != 5:
+            raise ValueError(f"a sigma per frame (B, F) needs a video, got x {tuple(x.shape)}")
+        return sigma.expand(x.shape[0], x.shape[1])
+    return sigma.expand(x.shape[0])
+
+
 def check_parameterization(parameterization: str) -> str:
     """Return ``parameterization`` if it is one we know, else raise naming the choices."""
     if parameterization not in PARAMETERIZATIONS:

@@ -92,7 +92,8 @@ class WindowedDenoiser:
         weight_sum = torch.zeros(num_frames, device=x.device)
         bar = tqdm(windows, desc="windows", leave=False, disable=not self.progress)
         for frames in bar:
-            pred = self.denoiser(x[:, frames], sigma, **slice_frames(kwargs, frames, x.shape))
+            part = sigma[:, frames] if torch.as_tensor(sigma).ndim == 2 else sigma  # per frame
+            pred = self.denoiser(x[:, frames], part, **slice_frames(kwargs, frames, x.shape))
             weights = taper_weights(
                 self.length, self.overlap, frames.start > 0, frames.stop < num_frames, x.device
             )

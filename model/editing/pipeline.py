@@ -204,36 +204,12 @@ def edit_video(
     with autocast(device, autocast_dtype), prepacked:
         if needs_depth:
             depth = video_depth(model, frames, depth_estimator, settings.chunk_size)
-        cond, uncond = model.edit_conditioning(
-            content,
-            batch=batch,
-            latent_size=size,
-            device=device,
-            depth=None if depth is None else depth.float(),
-            frames=frames,
-            mask=mask,
-            t_s=schedule["t_s"].round().long()[None] if "t_s" in schedule else settings.t_s,
-            chunk_size=settings.chunk_size,
-            frames_independent=method.frames_independent,
-        )
-        cond = {**cond, **method.cond_extra()}
-        for name in ("w", "w_t"):  # per-frame guidance scales, read by the guidance
-            if name in schedule:
-                scale = schedule[name].float().view(1, num_frames, 1, 1, 1)
-                cond[f"guidance_{name}"] = scale.expand(batch, -1, -1, -1, -1).to(device)
-        if lora_keys(schedule):  # keyframed LoRA weights, read by the model (FrameLoras)
-            weights = torch.stack([schedule[k].float() for k in lora_keys(schedule)], dim=-1)
-            weights = weights.view(1, num_frames, -1, 1, 1).expand(batch, -1, -1, -1, -1)
-            cond["lora_scale"] = weights.to(device)
         sampler, schedule_name = resolve_sampler(settings.sampler, settings.schedule)
-        sigmas = get_sigmas(schedule_name, settings.steps, model.schedule, device=device)
-        if not settings.set_alpha_to_one:  # end on t = 0's noise level, as SD's DDIM configs
-            sigmas[-1] = model.schedule.sigmas[0]
-        if control is not None:  # units act on a fraction of the steps the run takes
-            n = len(sigmas) - 1  # sample() keeps the last sdedit_steps(n, strength) steps
-            run = sigmas[n - sdedit_steps(n, settings.strength) : -1]
-            cond["control"] = control.for_steps(model.schedule.sigma_to_t(run))
-            cond["control_hint"] = control.stacked_hints().expand(batch, -1, -1, -1, -1).to(device)
+        sigmas = run_sigmas(model, settings, schedule_name, device)
+        cond, uncond = frame_conditioning(
+            model, method, content, settings, frames, size, device, sigmas,
+            depth=depth, mask=mask, control=control, schedule=schedule,
+        )  # fmt: skip
         shape = (batch, num_frames, unet.out_channels, *size)
         if carry is not None:
             carry.check(shape)
@@ -298,6 +274,66 @@ def edit_video(
         latents=latents.float(),
         noise=noise,
     )
+
+
+def run_sigmas(model, settings: EditSettings, schedule_name: str, device) -> torch.Tensor:
+    """The ``settings.steps + 1`` sigmas of the whole schedule (an SDEdit run keeps the last
+    ``sdedit_steps``), ending at 0, or at t = 0's noise level without ``set_alpha_to_one``."""
+    sigmas = get_sigmas(schedule_name, settings.steps, model.schedule, device=device)
+    if not settings.set_alpha_to_one:  # end on t = 0's noise level, as SD's DDIM configs
+        sigmas[-1] = model.schedule.sigmas[0]
+    return sigmas
+
+
+def frame_conditioning(
+    model,
+    method,
+    content,
+    settings: EditSettings,
+    frames: torch.Tensor,
+    size: tuple[int, int],
+    device,
+    sigmas: torch.Tensor,
+    *,
+    depth: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    control: Control | None = None,
+    schedule: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict, dict]:
+    """``(cond, uncond)`` of the guided denoiser for ``frames`` ``(B, F, 3, H, W)``: the
+    model's conditioning of ``content`` (and ``depth`` ``(B, F, 1, H, W)``, ``mask``), the
+    method's extra inputs, per-frame guidance scales and LoRA weights of a keyframe
+    ``schedule`` (``(F,)`` tensors), and ControlNet units acting on the steps of the run
+    that ``sigmas`` (the whole schedule) and ``settings.strength`` give."""
+    schedule = schedule or {}
+    batch, num_frames = frames.shape[:2]
+    cond, uncond = model.edit_conditioning(
+        content,
+        batch=batch,
+        latent_size=size,
+        device=device,
+        depth=None if depth is None else depth.float(),
+        frames=frames,
+        mask=mask,
+        t_s=schedule["t_s"].round().long()[None] if "t_s" in schedule else settings.t_s,
+        chunk_size=settings.chunk_size,
+        frames_independent=method.frames_independent,
+    )
+    cond = {**cond, **method.cond_extra()}
+    for name in ("w", "w_t"):  # per-frame guidance scales, read by the guidance
+        if name in schedule:
+            scale = schedule[name].float().view(1, num_frames, 1, 1, 1)
+            cond[f"guidance_{name}"] = scale.expand(batch, -1, -1, -1, -1).to(device)
+    if lora_keys(schedule):  # keyframed LoRA weights, read by the model (FrameLoras)
+        weights = torch.stack([schedule[k].float() for k in lora_keys(schedule)], dim=-1)
+        weights = weights.view(1, num_frames, -1, 1, 1).expand(batch, -1, -1, -1, -1)
+        cond["lora_scale"] = weights.to(device)
+    if control is not None:  # units act on a fraction of the steps the run takes
+        n = len(sigmas) - 1  # sample() keeps the last sdedit_steps(n, strength) steps
+        run = sigmas[n - sdedit_steps(n, settings.strength) : -1]
+        cond["control"] = control.for_steps(model.schedule.sigma_to_t(run))
+        cond["control_hint"] = control.stacked_hints().expand(batch, -1, -1, -1, -1).to(device)
+    return cond, uncond
 
 
 def frame_release(

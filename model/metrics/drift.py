@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.metrics.video import _check_frames, _target_coordinates, flow_valid_mask
+from model.metrics.video import _check_frames, flow_valid_mask, target_coordinates
 
 
 @dataclass
@@ -81,7 +81,7 @@ def pair_warp_errors(
     if flow.shape != (n, 2, h, w):
         raise ValueError(f"flow must be (F-1, 2, H, W) = {(n, 2, h, w)}, got {tuple(flow.shape)}")
     frames, flow = frames.float(), flow.float().to(frames.device)
-    x, y = _target_coordinates(flow)
+    x, y = target_coordinates(flow)
     grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)
     warped = F.grid_sample(
         frames[1:], grid, mode="bilinear", padding_mode="border", align_corners=False
@@ -106,3 +106,25 @@ def seam_warp_error(
     across = pair_errors[seams & known]
     inside = pair_errors[~seams & known]
     return float(across.mean()), float(inside.mean())
+
+
+def periodic_step(pair_errors: torch.Tensor, max_period: int = 8) -> tuple[float, int, int]:
+    """The strongest periodic step in a video's pair warp errors ``(F - 1,)``: for every
+    period ``P`` in ``[2, max_period]`` and phase ``k < P``, the mean error of pairs ``i``
+    with ``i % P == k`` over the mean of all pairs; the largest, with its ``P`` and ``k``.
+    Seams of any periodic origin show here (a sequential edit's windows: P = the new
+    frames per window; a queue whose frames share levels in groups: P = the group), about
+    1 when nothing repeats (above 1 by the noise of the largest of many means). NaN pairs
+    are left out; ``ValueError`` for fewer than ``2 * max_period`` pairs."""
+    if len(pair_errors) < 2 * max_period:
+        raise ValueError(f"need at least {2 * max_period} frame pairs, got {len(pair_errors)}")
+    known = ~pair_errors.isnan()
+    overall = float(pair_errors[known].mean())
+    best = (0.0, 0, 0)
+    index = torch.arange(len(pair_errors))
+    for period in range(2, max_period + 1):
+        for phase in range(period):
+            at = (index % period == phase) & known
+            ratio = float(pair_errors[at].mean()) / overall
+            best = max(best, (ratio, period, phase))
+    return best

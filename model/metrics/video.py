@@ -72,7 +72,7 @@ def structure_fidelity(depth_in: torch.Tensor, depth_out: torch.Tensor) -> float
     return float((fitted - target).square().flatten(1).mean(1).mean())
 
 
-def _target_coordinates(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_coordinates(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-index coordinates ``(x, y)`` (each ``(N, H, W)``) where each pixel lands."""
     _, _, h, w = flow.shape
     ys, xs = torch.meshgrid(
@@ -94,7 +94,7 @@ def flow_valid_mask(flow: torch.Tensor, surface: torch.Tensor | None = None) -> 
     if flow.ndim != 4 or flow.shape[1] != 2:
         raise ValueError(f"flow must be (F-1, 2, H, W) (dx, dy), got {tuple(flow.shape)}")
     n, _, h, w = flow.shape
-    x, y = _target_coordinates(flow.float())
+    x, y = target_coordinates(flow.float())
     valid = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
     if surface is None:
         return valid
@@ -127,7 +127,7 @@ def warp_error(
         )
     h, w = frames.shape[-2:]
     frames, flow = frames.float(), flow.float().to(frames.device)
-    x, y = _target_coordinates(flow)
+    x, y = target_coordinates(flow)
     grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)  # pixel centres
     warped = F.grid_sample(
         frames[1:], grid, mode="bilinear", padding_mode="border", align_corners=False

@@ -192,7 +192,9 @@ class UNet(nn.Module):
     ) -> torch.Tensor:
         """Predict the model's output (eps or v) for images or videos.
 
-        ``context`` is ``(B, tokens, D)``, for videos also per frame ``(B, F, tokens, D)``;
+        ``timesteps`` is ``(B,)``, for videos also per frame ``(B, F)`` (frames at staggered
+        noise levels: ``model.editing.diagonal``); ``context`` is ``(B, tokens, D)``, for
+        videos also per frame ``(B, F, tokens, D)``;
         ``y`` the class or ``label_emb`` input ``(B, ...)``.
         ``anchors`` (videos ``(B, F, ...)`` only), a long tensor ``(F, A)``, makes every spatial
         self-attention cross-frame: frame k attends to the tokens of frames ``anchors[k]``
@@ -209,7 +211,9 @@ class UNet(nn.Module):
                 f"UNet expects {self.in_channels} input channels, got {x.shape[-3]} "
                 f"(input shape {tuple(x.shape)})"
             )
-        timesteps = torch.as_tensor(timesteps, device=x.device).expand(batch)
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        per_frame = video and timesteps.ndim == 2  # (B, F): every frame its own noise level
+        timesteps = timesteps.expand(batch, num_frames) if per_frame else timesteps.expand(batch)
         if context is not None and hasattr(self, "context_proj"):
             context = self.context_proj(context)
         frames = self._frames(num_frames, batch, temporal, x.device) if video else None
@@ -222,7 +226,10 @@ class UNet(nn.Module):
             frames = dataclasses.replace(layout, anchors=anchors.long())
         if video:
             x = x.flatten(0, 1)
-            timesteps = repeat(timesteps, "b -> (b f)", f=num_frames)
+            if per_frame:
+                timesteps = timesteps.flatten()
+            else:
+                timesteps = repeat(timesteps, "b -> (b f)", f=num_frames)
             if context is not None and context.ndim == 4:  # per frame (B, F, n, d): keyframes
                 context = context.flatten(0, 1)
             elif context is not None:

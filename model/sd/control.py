@@ -67,6 +67,14 @@ class Control:
         """This control for a run whose steps start at ``timesteps`` ``(n,)``."""
         return dataclasses.replace(self, timesteps=timesteps.detach().float().cpu())
 
+    def acting(self, unit: ControlUnit, t: torch.Tensor) -> torch.Tensor:
+        """Whether ``unit`` acts on each row of timesteps ``t`` ``(N,)``: a bool tensor."""
+        if self.timesteps is None:
+            return torch.ones(t.shape, dtype=torch.bool, device=t.device)
+        values = t.detach().float().cpu()
+        flags = {float(v): self.active(unit, float(v)) for v in values.unique()}
+        return torch.tensor([flags[float(v)] for v in values], device=t.device)
+
     def active(self, unit: ControlUnit, t: float) -> bool:
         """Whether ``unit`` acts at timestep ``t`` (a step's start, or inside it)."""
         if self.timesteps is None:
@@ -83,16 +91,20 @@ class Control:
         hints: torch.Tensor,
     ) -> list[torch.Tensor] | None:
         """The summed, scaled residuals for latents ``x`` ``(B, F, C, h, w)`` at timesteps
-        ``t`` ``(B,)`` with ``context`` ``(B, tokens, D)`` and ``hints`` ``(B, F, sum C_hint,
-        H, W)``, frames folded into the batch ``(B F, ...)`` as ``UNet.forward`` takes them;
-        None when no unit acts at this step. Images ``(B, C, h, w)`` with hints ``(B, sum
-        C_hint, H, W)`` are one-frame videos."""
+        ``t`` ``(B,)`` (or per frame ``(B, F)``: a unit acts on the frames at its steps) with
+        ``context`` ``(B, tokens, D)`` and ``hints`` ``(B, F, sum C_hint, H, W)``, frames
+        folded into the batch ``(B F, ...)`` as ``UNet.forward`` takes them; None when no
+        unit acts at this step. Images ``(B, C, h, w)`` with hints ``(B, sum C_hint, H, W)``
+        are one-frame videos."""
         if x.ndim == 4:
             x, hints = x[:, None], hints[:, None] if hints.ndim == 4 else hints
         batch, frames = x.shape[:2]
-        t = torch.as_tensor(t, device=x.device).expand(batch)
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 2:  # per frame (B, F): frames at their own step (a diagonal edit)
+            flat_t = t.expand(batch, frames).flatten()
+        else:
+            flat_t = repeat(t.expand(batch), "b -> (b f)", f=frames)
         flat_x = x.flatten(0, 1)
-        flat_t = repeat(t, "b -> (b f)", f=frames)
         if context is not None and context.ndim == 4:  # per frame (B, F, tokens, D)
             flat_context = context.flatten(0, 1)
         else:
@@ -103,10 +115,15 @@ class Control:
             channels = unit.net.hint_channels
             hint = flat_hints[:, offset : offset + channels]
             offset += channels
-            if unit.scale == 0 or not self.active(unit, float(t[0])):
+            acting = self.acting(unit, flat_t)
+            if unit.scale == 0 or not acting.any():
                 continue
             latents = flat_x[:, : unit.net.in_channels]  # a ControlNet reads the plain latents
             out = unit.net(latents, flat_t, flat_context, hint)
-            scaled = [unit.scale * r for r in out]
+            if acting.all():
+                scaled = [unit.scale * r for r in out]
+            else:  # frames at other steps than the unit's: no residual there
+                gate = unit.scale * acting.to(out[0]).view(-1, 1, 1, 1)
+                scaled = [gate * r for r in out]
             total = scaled if total is None else [a + b for a, b in zip(total, scaled, strict=True)]
         return total

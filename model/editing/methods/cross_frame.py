@@ -105,7 +105,8 @@ class CrossFrameDenoiser:
             guided = ClassifierFreeGuidance(
                 model_denoiser(self.model, AnchoredUNet(unet, local.to(x.device))), self.w
             )
-            pred = guided(x[:, index], sigma, **slice_frames(kwargs, index, x.shape))
+            part = sigma[:, index] if torch.as_tensor(sigma).ndim == 2 else sigma  # per frame
+            pred = guided(x[:, index], part, **slice_frames(kwargs, index, x.shape))
             out[:, window] = pred[:, carried:]
             self.windows_seen += 1
         return out
