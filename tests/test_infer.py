@@ -215,13 +215,16 @@ BAD = {
     "output is the input": (["output={d}/clip.mp4"], "never overwritten"),
     "missing checkpoint": (["checkpoint={d}/none.ckpt"], "not found"),
     "unknown window mode": (
-        ["window.mode=rolling"], "window.mode must be blend, sequential or fifo"
+        ["window.mode=rolling"],
+        "window.mode must be blend, sequential or fifo",
     ),
     "fifo with a two-step sampler": (
-        ["window.mode=fifo", "sampler=heun"], "sampler 'heun' has no such step"
+        ["window.mode=fifo", "sampler=heun"],
+        "sampler 'heun' has no such step",
     ),
     "fifo with a frame-by-frame method": (
-        ["window.mode=fifo", "method=prev_frame", "strength=0.5"], "renders frame after frame"
+        ["window.mode=fifo", "method=prev_frame", "strength=0.5"],
+        "renders frame after frame",
     ),
     "fifo frames per level": (["window.mode=fifo", "window.frames_per_level=0"], "whole number"),
     "no room for new frames": (
