@@ -94,7 +94,6 @@ def worker(device: str, frames: int, window: int, steps: int, iters: int) -> dic
 
 def long_worker(mode: str, frames: int, window: int, steps: int) -> dict:
     """Peak memory and time of one ``mode`` edit of a ``frames``-frame video (64x64)."""
-    from model.editing.fifo import edit_fifo_video
     from model.editing.long import edit_long_video
 
     torch.set_num_threads(1)
@@ -116,9 +115,8 @@ def long_worker(mode: str, frames: int, window: int, steps: int) -> dict:
             edit_video(gen1, read(list(range(frames))), content, settings,
                        depth_estimator=midas, generator=generator)  # fmt: skip
         else:
-            edit = edit_long_video if mode == "sequential" else edit_fifo_video
-            edit(gen1, frames, read, content, settings, lambda *out: None,
-                 depth_estimator=midas, generator=generator)  # fmt: skip
+            edit_long_video(gen1, frames, read, content, settings, lambda *out: None,
+                            depth_estimator=midas, generator=generator, mode=mode)  # fmt: skip
 
     # One call, timed as it runs: CPU time of the (one-thread) process, which other work on
     # a shared machine disturbs far less than wall time.

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from model.diffusion.samplers import DiscreteDenoiser
-from model.editing.fifo import balanced_parts, edit_fifo_video, frames_per_level
-from model.editing.long import shared_noise
+from model.editing.fifo import balanced_parts, frames_per_level
+from model.editing.long import edit_long_video
 from model.editing.pipeline import edit_video
 from model.editing.settings import EditSettings
+from model.editing.streaming import shared_noise
 from tests.test_editing import content_of, tiny_gen1, video
 
 
@@ -27,7 +28,7 @@ def fifo(model, frames, depth, settings, seed=3, **kwargs):
         parts.append(out)
         shown.extend(window.new)
 
-    result = edit_fifo_video(
+    result = edit_long_video(
         model,
         frames.shape[1],
         lambda idx: frames[:, idx],
@@ -36,6 +37,7 @@ def fifo(model, frames, depth, settings, seed=3, **kwargs):
         sink,
         read_depth=lambda idx: depth[:, idx],
         generator=torch.Generator().manual_seed(seed),
+        mode="fifo",
         **kwargs,
     )
     return torch.cat(parts, dim=1), shown, result

@@ -210,8 +210,8 @@ def test_infer_sequential_streams_every_frame_with_audio_mask_and_preview(files,
 
 
 def test_infer_fifo_streams_every_frame_in_order_with_mask_and_sidecar(files, tmp_path):
-    """window.mode=fifo through infer.py: all 24 frames written one by one as they leave
-    the queue, the unmasked half the input's, the frames' groups in the sidecar."""
+    """window.mode=fifo through infer.py: all 24 frames written as they leave the queue,
+    the unmasked half the input's, the queue (not windows) in the sidecar."""
     out = tmp_path / "fifo.mp4"
     cfg = config(
         f"input={files / 'clip.mp4'}",
@@ -227,7 +227,8 @@ def test_infer_fifo_streams_every_frame_in_order_with_mask_and_sidecar(files, tm
     done = infer.run(cfg)
     frames, _ = read(out)
     assert frames.shape[0] == 24
-    assert done["windows"] == [(k, k + 1) for k in range(24)]  # one frame leaves at a time
+    assert done["windows"] == [] and done["queue"]["frames_per_level"] == 1
+    assert done["queue"]["levels"] == 2 and done["queue"]["frames"] == 2
     assert done["edit"]["window_length"] == 4
     source = media.read_frames(files / "clip.mp4", list(range(24)), (24, 32))[0]
     edited = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1

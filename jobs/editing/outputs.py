@@ -118,6 +118,7 @@ def describe(
             "latent": [s // model.vae.downsample_factor for s in inputs.geometry.working],
         },
         "windows": result.windows,
+        "queue": getattr(result, "queue", None) or None,  # window.mode=fifo: no windows
         "steps_run": result.steps_run,  # of edit.steps: strength x steps, at least one
         "audio": inputs.audio.description,
         "audio_span_s": list(inputs.audio.span_s) if inputs.audio.span_s else None,

@@ -25,7 +25,6 @@ from jobs.editing.request import (
 )
 from model.diffusion.guidance import sdedit_steps
 from model.diffusion.windows import window_slices
-from model.editing.fifo import edit_fifo_video
 from model.editing.keyframes import lora_keys
 from model.editing.long import edit_long_video, long_windows
 from model.editing.pipeline import edit_video
@@ -173,12 +172,7 @@ def edit_in_windows(cfg, inputs, model, estimator, nets, content, outputs, edit,
         mask = inputs.mask
         return mask if mask.shape[1] == 1 else mask[:, positions]
 
-    if window.get("mode") == "fifo":
-        edit_streaming = edit_fifo_video
-        extra = {"per_level": window.get("frames_per_level")}
-    else:
-        edit_streaming, extra = edit_long_video, {"hold": float(window.hold)}
-    return edit_streaming(
+    return edit_long_video(
         model,
         len(inputs.indices),
         inputs.read_window,
@@ -192,6 +186,8 @@ def edit_in_windows(cfg, inputs, model, estimator, nets, content, outputs, edit,
         content_of=keyframes.content_of if keyframes is not None else None,
         schedule_of=keyframes.schedule_of if keyframes is not None else None,
         depth_estimator=estimator,
-        **extra,
+        mode=window.mode,
+        hold=float(window.hold),
+        per_level=window.get("frames_per_level"),
         **edit,
     )

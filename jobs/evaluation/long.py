@@ -22,7 +22,6 @@ from data.world_render import render
 from jobs.evaluation.measure import measured
 from jobs.evaluation.settings import EvalError, edit_settings
 from model.editing.content import image_content
-from model.editing.fifo import edit_fifo_video
 from model.editing.long import edit_long_video, long_windows
 from model.editing.pipeline import video_depth
 from model.metrics.drift import (
@@ -100,26 +99,21 @@ def edit_long(cfg: DictConfig, gen1, clip: dict, depth, anchors: list[int], mode
         parts.append(edited[0])
         bar.update(edited.shape[1])
 
-    common = {
-        "anchors": anchors,
-        "read_depth": lambda idx: depth[:, idx],
-        "generator": torch.Generator().manual_seed(cfg.seed),
-    }
-    edit, extra = edit_long_video, {"hold": float(cfg.long.hold)}
-    if mode == "fifo":
-        edit, extra = edit_fifo_video, {}
     content = image_content(gen1, clip["reference"])
     device = next(gen1.parameters()).device
     _, cost = measured(
-        lambda: edit(
+        lambda: edit_long_video(
             gen1,
             frames.shape[1],
             lambda idx: frames[:, idx],
             content,
             settings,
             sink,
-            **common,
-            **extra,
+            anchors=anchors,
+            read_depth=lambda idx: depth[:, idx],
+            generator=torch.Generator().manual_seed(cfg.seed),
+            mode=mode,
+            hold=float(cfg.long.hold),
         ),  # fmt: skip
         device,
     )

@@ -26,7 +26,7 @@ windows to join and are refused too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -40,7 +40,6 @@ from model.diffusion.samplers import (
     sample_euler,
 )
 from model.diffusion.windows import slice_frames
-from model.editing.long import FrameReader, LongEditResult, LongWindow, shared_noise
 from model.editing.methods import SEQUENTIAL, resolve_method
 from model.editing.pipeline import (
     check_control,
@@ -53,6 +52,13 @@ from model.editing.pipeline import (
 )
 from model.editing.precision import autocast, inference_weights
 from model.editing.settings import EditSettings, check_settings, temporal_frame_limit
+from model.editing.streaming import (
+    FrameSource,
+    LongEditResult,
+    LongWindow,
+    Sink,
+    shared_noise,
+)
 from model.encoders.structure import normalize_clip
 
 STEPS = {sample_euler: "euler", sample_ddim: "ddim", sample_dpmpp_2m: "dpmpp_2m"}
@@ -132,17 +138,11 @@ def balanced_parts(count: int, room: int) -> list[slice]:
 def edit_fifo_video(
     model,
     num_frames: int,
-    read_frames: FrameReader,
-    content,
+    source: FrameSource,
     settings: EditSettings,
-    sink: Callable[[LongWindow, torch.Tensor, torch.Tensor, torch.Tensor | None], None],
-    *,
+    sink: Sink,
     anchors: Sequence[int] = (0,),
-    read_depth: FrameReader | None = None,
-    read_mask: FrameReader | None = None,
-    content_of: Callable[[list[int]], object] | None = None,
-    control_of: Callable[[list[int]], object] | None = None,
-    schedule_of: Callable[[list[int]], dict] | None = None,
+    *,
     depth_estimator: torch.nn.Module | None = None,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -150,9 +150,10 @@ def edit_fifo_video(
     per_level: int | None = None,
 ) -> LongEditResult:
     """Edit a video of ``num_frames`` frames by diagonal denoising, in memory bounded by the
-    queue: the arguments are ``edit_long_video``'s (``model.editing.long``: frame readers
-    ``(B, n, C, H, W)``, ``sink(window, edited, source, depth)`` getting the frames in order
-    as they leave the queue, ``window.new`` naming them), with ``anchors`` frames of the
+    queue (``edit_long_video(mode="fifo")`` calls it): ``source`` reads each frame's inputs
+    (``model.editing.streaming.FrameSource``), ``sink(window, edited, source, depth)`` gets
+    the frames in order as they leave the queue (``window.new`` naming them, ``edited`` and
+    ``source`` ``(B, n, 3, H, W)`` in [-1, 1] on the CPU), ``anchors`` are frames of the
     first ``window_length - len(anchors)`` (they join every call once made) and
     ``per_level`` the frames that share a noise level (None: ``frames_per_level``'s).
 
@@ -179,11 +180,10 @@ def edit_fifo_video(
     per_level = frames_per_level(room, per_level)
     method = resolve_method(model, settings.method)
     estimator = depth_estimator if depth_estimator is not None else model.depth
-    networks = [unet, model.vae, estimator if read_depth is None else None]
+    networks = [unet, model.vae, estimator if source.read_depth is None else None]
     with inference_weights(settings, autocast_dtype, *networks):
         queue = _Queue(
-            model, method, replace(settings, prepack=False), num_frames, anchors, room,
-            read_frames, content, read_depth, read_mask, content_of, control_of, schedule_of,
+            model, method, replace(settings, prepack=False), num_frames, anchors, room, source,
             depth_estimator, generator, autocast_dtype, per_level,
         )  # fmt: skip
         return queue.run(sink, progress)
@@ -194,15 +194,12 @@ class _Queue:
     read ahead; ``run`` drives it to the end."""
 
     def __init__(
-        self, model, method, settings, num_frames, anchors, room, read_frames, content,
-        read_depth, read_mask, content_of, control_of, schedule_of, depth_estimator,
+        self, model, method, settings, num_frames, anchors, room, source, depth_estimator,
         generator, autocast_dtype, per_level,
     ) -> None:  # fmt: skip
         self.model, self.method, self.settings = model, method, settings
         self.num_frames, self.anchors, self.room = num_frames, anchors, room
-        self.read_frames, self.content, self.read_depth = read_frames, content, read_depth
-        self.read_mask, self.content_of, self.control_of = read_mask, content_of, control_of
-        self.schedule_of, self.depth_estimator = schedule_of, depth_estimator
+        self.source, self.depth_estimator = source, depth_estimator
         self.generator, self.autocast_dtype = generator, autocast_dtype
         self.per_level = per_level
         unet = model.sampling_unet()
@@ -210,8 +207,8 @@ class _Queue:
         self.channels = unet.out_channels
         sampler, schedule_name = resolve_sampler(settings.sampler, settings.schedule)
         self.kind = STEPS[sampler]
-        if schedule_of is not None:  # the run starts where the video's strongest frame does
-            strength = schedule_of(list(range(num_frames))).get("strength")
+        if source.schedule_of is not None:  # the run starts where the strongest frame does
+            strength = source.schedule_of(list(range(num_frames))).get("strength")
             if strength is not None:
                 settings = self.settings = replace(settings, strength=float(strength.max()))
         self.sigmas = run_sigmas(model, settings, schedule_name, self.device)
@@ -230,21 +227,22 @@ class _Queue:
         indices = list(range(self.next_read, min(self.next_read + self.room, self.num_frames)))
         self.next_read = indices[-1] + 1
         settings, model = self.settings, self.model
-        frames = self.read_frames(indices)
+        source = self.source
+        frames = source.read_frames(indices)
         batch, n, _, height, width = frames.shape
         factor = model.vae.downsample_factor
         if height % factor or width % factor:
             raise ValueError(f"frame size {height}x{width} is not a multiple of the VAE's {factor}")
         size = (height // factor, width // factor)
-        control = self.control_of(indices) if self.control_of is not None else None
+        control = source.control_of(indices) if source.control_of is not None else None
         check_control(model, control, frames.shape)
-        schedule = dict(self.schedule_of(indices)) if self.schedule_of is not None else {}
-        self.method.check(settings, n, self.read_mask is not None)
-        depth = self.read_depth(indices) if self.read_depth is not None else None
+        schedule = dict(source.schedule_of(indices)) if source.schedule_of is not None else {}
+        self.method.check(settings, n, source.read_mask is not None)
+        depth = source.read_depth(indices) if source.read_depth is not None else None
         if depth is None and model.uses_depth:
             depth = video_depth(model, frames, self.depth_estimator, settings.chunk_size)
-        mask = self.read_mask(indices) if self.read_mask is not None else None
-        content = self.content_of(indices) if self.content_of is not None else self.content
+        mask = source.read_mask(indices) if source.read_mask is not None else None
+        content = source.content_for(indices)
         cond, uncond = frame_conditioning(
             model, self.method, content, settings, frames, size, self.device, self.sigmas,
             depth=depth, mask=mask, control=control, schedule=schedule,
@@ -254,16 +252,16 @@ class _Queue:
         shape = (batch, n, self.channels, *size)
         steps = len(self.sigmas) - 1
         needs_source = settings.strength < 1.0 or mask is not None or "strength" in schedule
-        source = None
+        latents = None
         if needs_source and settings.source_latents == "sample":  # drawn first, as diffusers
-            source = encode_frames(
+            latents = encode_frames(
                 model.vae, frames, settings.chunk_size, self.device, self.generator
             )
         noise = self.method.noise(
             shape, settings, self.generator, frames.float().cpu(), self.common
         ).to(self.device)
-        if needs_source and source is None:
-            source = encode_frames(model.vae, frames, settings.chunk_size, self.device)
+        if needs_source and latents is None:
+            latents = encode_frames(model.vae, frames, settings.chunk_size, self.device)
         small = latent_mask(mask, size).to(self.device) if mask is not None else None
         strength = schedule.get("strength")
         for j, index in enumerate(indices):
@@ -275,7 +273,7 @@ class _Queue:
                     x=noise[:, one],  # placed at the run's first level when it joins
                     start=self.run_levels - own,
                     noise=noise[:, one],
-                    source=None if source is None else source[:, one],
+                    source=None if latents is None else latents[:, one],
                     mask=None if small is None else _frame_of(small, j),
                     cond=slice_frames(cond, one, shape),
                     uncond=slice_frames(uncond, one, shape),
@@ -304,6 +302,12 @@ class _Queue:
                 bar.update(len(done))
         bar.close()
         result.steps_run = self.run_levels
+        result.queue = {
+            "frames_per_level": self.per_level,
+            "levels": self.run_levels,
+            "frames": self.per_level * self.run_levels,
+            "calls": result.window_calls,
+        }
         return result
 
     def join(self) -> None:
@@ -403,7 +407,6 @@ class _Queue:
                 self.made[frame.index] = frame
         indices = tuple(f.index for f in done)
         sink(LongWindow(tuple(self.anchors), (), indices), out, source, depth)
-        result.windows.append((indices[0], indices[-1] + 1))
 
 
 def _join_frames(parts: list, shape: torch.Size):

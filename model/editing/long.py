@@ -17,39 +17,29 @@ memory is that of one window, whatever the length. Between windows nothing is lo
 Every window holds ``settings.window_length`` frames in all: anchors, carried overlap, then
 new frames. (Gen-L-Video, Wang et al. 2023, and FreeNoise, Qiu et al. 2024, blend or share
 across windows at every step; this is the sequential form, as autoregressive extension.)
+``mode="fifo"`` makes the video with no windows at all (``model.editing.fifo``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
+from model.editing.fifo import edit_fifo_video
 from model.editing.pipeline import Carry, decode_latents, edit_video
 from model.editing.precision import autocast, inference_weights
 from model.editing.settings import EditSettings
-
-
-@dataclass(frozen=True)
-class LongWindow:
-    """One window of a long edit, as frame indices of the video: ``anchors`` (carried from
-    the first window), ``overlap`` (carried from the previous window), ``new`` (made here)."""
-
-    anchors: tuple[int, ...]
-    overlap: tuple[int, ...]
-    new: tuple[int, ...]
-
-    @property
-    def frames(self) -> list[int]:
-        """Every frame the window holds, in the order the model sees them."""
-        return [*self.anchors, *self.overlap, *self.new]
-
-    @property
-    def carried(self) -> int:
-        """How many of its frames are made already."""
-        return len(self.anchors) + len(self.overlap)
+from model.editing.streaming import (
+    FrameReader,
+    FrameSource,
+    LongEditResult,
+    LongWindow,
+    Sink,
+    shared_noise,
+)
 
 
 def long_windows(
@@ -87,23 +77,6 @@ def long_windows(
     return windows
 
 
-@dataclass
-class LongEditResult:
-    """What a long edit did (its frames went to the sink): ``plan`` its windows, ``windows``
-    the ``[start, stop)`` of the frames each made, as ``EditResult.windows``."""
-
-    plan: list[LongWindow] = field(default_factory=list)
-    windows: list[tuple[int, int]] = field(default_factory=list)
-    anchors: list[int] = field(default_factory=list)
-    steps_run: int = 0
-    method: str = ""
-    method_settings: dict = field(default_factory=dict)
-    window_calls: int = 0
-
-
-FrameReader = Callable[[list[int]], torch.Tensor]  # frame indices -> (B, n, C, H, W)
-
-
 @torch.no_grad()
 def edit_long_video(
     model,
@@ -111,7 +84,7 @@ def edit_long_video(
     read_frames: FrameReader,
     content,
     settings: EditSettings,
-    sink: Callable[[LongWindow, torch.Tensor, torch.Tensor, torch.Tensor | None], None],
+    sink: Sink,
     *,
     anchors: Sequence[int] = (0,),
     read_depth: FrameReader | None = None,
@@ -123,29 +96,44 @@ def edit_long_video(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    mode: str = "sequential",
     hold: float = 0.25,
+    per_level: int | None = None,
 ) -> LongEditResult:
-    """Edit a video of ``num_frames`` frames window after window (``long_windows`` with
-    ``settings.window_length`` / ``window_overlap`` and ``anchors``), in memory bounded by
-    one window: ``read_frames(indices)`` gives the input frames ``(B, n, 3, H, W)`` in
-    [-1, 1] of those indices, ``read_depth`` / ``read_mask`` their depth ``(B, n, 1, H, W)``
-    and mask (optional); ``content_of(indices)`` / ``control_of(indices)`` the content and
-    ControlNet units for those frames (default: ``content`` for all, no ControlNet), and
-    ``schedule_of(indices)`` their per-frame settings (keyframes; ``edit_video``'s
-    ``schedule``).
+    """Edit a video of ``num_frames`` frames in flat memory, window after window (``mode``
+    "sequential": ``long_windows`` with ``settings.window_length`` / ``window_overlap`` and
+    ``anchors``) or through a queue at staggered noise levels ("fifo":
+    ``model.editing.fifo``, ``per_level`` frames sharing a level). ``read_frames(indices)``
+    gives the input frames ``(B, n, 3, H, W)`` in [-1, 1] of those indices, ``read_depth`` /
+    ``read_mask`` their depth ``(B, n, 1, H, W)`` and mask (optional); ``content_of(indices)``
+    / ``control_of(indices)`` the content and ControlNet units for those frames (default:
+    ``content`` for all, no ControlNet), and ``schedule_of(indices)`` their per-frame
+    settings (keyframes; ``edit_video``'s ``schedule``).
     ``sink(window, edited, source, depth)`` receives the video's frames in order, as soon as
     they are final: ``edited`` and ``source`` ``(B, n, 3, H, W)`` in [-1, 1] on the CPU,
     ``depth`` ``(B, n, 1, H, W)`` in [-1, 1] (for previews) or None; ``window.new`` names
     the frames given (a window's seam frames, then its own but those it holds back).
 
-    Each window is ``edit_video`` with the carried frames kept (``pipeline.Carry``): anchors
-    throughout; the overlap for the first ``hold`` of the steps, after which it is sampled on
-    with the window and the seam cross-faded, in latents, from the previous window's version
-    to this one's (so no step shows where windows meet; ``hold=1`` keeps the overlap as it
-    was made). The shared part of the noise is drawn once, every frame's own part in its
-    window, from ``generator``. Raises ``ValueError`` as ``edit_video`` and ``long_windows``
-    do, and for ``hold`` outside [0, 1], before any compute.
+    Sequential: each window is ``edit_video`` with the carried frames kept
+    (``pipeline.Carry``): anchors throughout; the overlap for the first ``hold`` of the
+    steps, after which it is sampled on with the window and the seam cross-faded, in
+    latents, from the previous window's version to this one's (``hold=1`` keeps the overlap
+    as it was made). The shared part of the noise is drawn once, every frame's own part in
+    its window, from ``generator``. Raises ``ValueError`` as ``edit_video`` and
+    ``long_windows`` do, for ``hold`` outside [0, 1] and an unknown ``mode``, and as
+    ``edit_fifo_video`` does, before any compute.
     """
+    source = FrameSource(
+        read_frames, content, read_depth, read_mask, content_of, control_of, schedule_of
+    )
+    common = {"depth_estimator": depth_estimator, "generator": generator,
+              "autocast_dtype": autocast_dtype, "progress": progress}  # fmt: skip
+    if mode == "fifo":
+        return edit_fifo_video(
+            model, num_frames, source, settings, sink, anchors, per_level=per_level, **common
+        )
+    if mode != "sequential":
+        raise ValueError(f"long-edit mode must be sequential or fifo, got {mode!r}")
     windows = long_windows(num_frames, settings.window_length, settings.window_overlap, anchors)
     if not 0.0 <= hold <= 1.0:
         raise ValueError(f"hold must be in [0, 1], got {hold}")
@@ -160,16 +148,14 @@ def edit_long_video(
     networks = [model.sampling_unet(), model.vae, estimator if read_depth is None else None]
     with inference_weights(settings, autocast_dtype, *networks):
         return _edit_windows(
-            model, windows, bar, read_frames, content, replace(settings, prepack=False),
-            sink, result, anchors, read_depth, read_mask, content_of, control_of,
-            depth_estimator, generator, autocast_dtype, hold, schedule_of,
+            model, windows, bar, source, replace(settings, prepack=False), sink, result,
+            anchors, depth_estimator, generator, autocast_dtype, hold,
         )  # fmt: skip
 
 
 def _edit_windows(
-    model, windows, bar, read_frames, content, settings, sink, result, anchors, read_depth,
-    read_mask, content_of, control_of, depth_estimator, generator, autocast_dtype, hold,
-    schedule_of,
+    model, windows, bar, source, settings, sink, result, anchors, depth_estimator, generator,
+    autocast_dtype, hold,
 ) -> LongEditResult:  # fmt: skip
     """The loop of ``edit_long_video``, its arguments checked and its weights prepared."""
     made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # frame -> (latents, noise)
@@ -186,25 +172,25 @@ def _edit_windows(
                 known=torch.arange(len(frames)) < window.carried,
                 hold=torch.tensor(hold_of + [1.0] * len(window.new)),
             )
-        source = read_frames(frames)
-        mask = read_mask(frames) if read_mask is not None else None
+        pixels = source.read_frames(frames)
+        mask = source.read_mask(frames) if source.read_mask is not None else None
         if common is None:
-            common = shared_noise(model, source.shape, generator)
+            common = shared_noise(model, pixels.shape, generator)
         edited = edit_video(
             model,
-            source,
-            content_of(frames) if content_of is not None else content,
+            pixels,
+            source.content_for(frames),
             replace(settings, window_length=len(frames)),
-            depth=read_depth(frames) if read_depth is not None else None,
+            depth=source.read_depth(frames) if source.read_depth is not None else None,
             depth_estimator=depth_estimator,
             mask=mask,
             generator=generator,
             autocast_dtype=autocast_dtype,
             progress=False,
-            control=control_of(frames) if control_of is not None else None,
+            control=source.control_of(frames) if source.control_of is not None else None,
             carry=carry,
             common=common,
-            schedule=schedule_of(frames) if schedule_of is not None else None,
+            schedule=source.schedule_of(frames) if source.schedule_of is not None else None,
         )
         # The seam: frames the previous window held back, cross-faded from its latents to
         # this window's (which continued them after ``hold`` of the steps), emitted first.
@@ -238,26 +224,15 @@ def _edit_windows(
             if mask is not None and settings.keep_unmasked_pixels:  # as edit_video pastes
                 keep = mask.float().cpu()
                 keep = keep[:, seam] if keep.shape[1] == len(frames) else keep
-                seam_frames = keep * seam_frames + (1 - keep) * source[:, seam].float().cpu()
+                seam_frames = keep * seam_frames + (1 - keep) * pixels[:, seam].float().cpu()
             edited_new = torch.cat([seam_frames, edited_new], dim=1)
         depth = edited.depth[:, out_positions] if edited.depth is not None else None
         shown = LongWindow(window.anchors, window.overlap, tuple(out_frames))
-        sink(shown, edited_new, source[:, out_positions].float().cpu(), depth)
+        sink(shown, edited_new, pixels[:, out_positions].float().cpu(), depth)
         result.window_calls += edited.window_calls
         result.steps_run, result.method = edited.steps_run, edited.method
         result.method_settings = edited.method_settings
     return result
-
-
-def shared_noise(model, video_shape: torch.Size, generator) -> torch.Tensor:
-    """One draw ``(B, 1, C, h, w)`` of the latents' shape: the part of the starting noise the
-    frames of every window share (so windows do not restart the noise of a method that
-    shares it: Gen-1's PYoCo correlation, mov2mov's one draw)."""
-    batch, _, _, height, width = video_shape
-    factor = model.vae.downsample_factor
-    channels = model.sampling_unet().out_channels
-    shape = (batch, 1, channels, height // factor, width // factor)
-    return torch.randn(shape, generator=generator)
 
 
 def _stack(made: dict, frames: list[int], which: int, count: int) -> torch.Tensor:
