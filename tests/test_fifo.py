@@ -116,6 +116,32 @@ def test_keyframed_strength_holds_each_frame_to_its_own_start(model):
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
 
 
+def test_a_keyframe_schedule_acts_per_frame_as_in_the_plain_edit(model):
+    """Per-frame content, w and t_s (a keyframe schedule) reach each frame of the queue as
+    they reach the plain edit (equal to it); ignored, the last frames would differ."""
+    frames, depth = video(6)
+    settings = EditSettings(steps=4, w=3.0, window_length=6, method="mov2mov", prepack=False)
+    content = content_of(model, frames)
+    other = content_of(model, frames.flip(-1))
+    per_frame = torch.cat(
+        [content[:, None].expand(1, 3, 1, -1), other[:, None].expand(1, 3, 1, -1)], 1
+    )
+    schedule = {"w": torch.tensor([3.0, 3, 3, 5, 7, 9]), "t_s": torch.tensor([0.0, 0, 1, 2, 3, 4])}
+    out, _, _ = fifo(
+        model, frames, depth, settings, anchors=(),
+        content_of=lambda idx: per_frame[:, idx],
+        schedule_of=lambda idx: {k: v[idx] for k, v in schedule.items()},
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(3)
+    expected = edit_video(
+        model, frames, per_frame, settings, depth=depth, generator=generator,
+        common=shared_noise(model, frames.shape, generator), schedule=schedule,
+    ).frames  # fmt: skip
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+    unscheduled, _, _ = fifo(model, frames, depth, settings, anchors=())
+    assert (out[:, 4:] - unscheduled[:, 4:]).abs().max() > 1e-2
+
+
 def test_video_model_calls_hold_a_window_at_staggered_levels(model, calls):
     """Gen-1 with temporal layers: every UNet call holds at most window_length frames, the
     frames of one call at several noise levels, the anchor at the lowest; frames come out

@@ -192,7 +192,7 @@ def test_every_method_takes_a_schedule(model, method):
     assert (out[:, 3] - plain[:, 3]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("mode", ["blend", "sequential"])
+@pytest.mark.parametrize("mode", ["blend", "sequential", "fifo"])
 def test_a_mask_video_moves_the_edited_region_frame_by_frame(files, tmp_path, mode):
     """A mask video (the input's 24 frames): the left half edited in frames 0-5, the right
     half after; the other half of each edited frame is the input's (up to yuv420p), in both

@@ -328,14 +328,16 @@ def test_eval_long_mode_names_an_unreadable_real_clip(tmp_path):
         modes.run(cfg)
 
 
-def test_infer_sequential_with_an_sd_file_controlnet_keyframes_and_a_method(tmp_path):
+@pytest.mark.parametrize("mode", ["sequential", "fifo"])
+def test_infer_streaming_with_an_sd_file_controlnet_keyframes_and_a_method(tmp_path, mode):
     """The bundled tiny SD with its depth ControlNet on a canny hint, cross-frame attention,
-    a prompt keyframed to another: window after window, every frame written."""
+    a prompt keyframed to another: window after window, or through the queue (the anchor as
+    every call's frame 0 for cross-frame attention), every frame written."""
     out = tmp_path / "sd.mp4"
     done = infer.run(config(
         f"checkpoint={ROOT / 'bundle/tiny_sd/tiny_sd.safetensors'}", "prompt=a red sphere",
         f"output={out}", "max_frames=12", "steps=2", "progress=false", "seed=1",
-        "window.mode=sequential", "method=cross_frame",
+        f"window.mode={mode}", "method=cross_frame",
         f"controlnet=[{{file: {ROOT / 'bundle/tiny_sd/tiny_controlnet_depth.safetensors'}, "
         "hint: canny}]",
         "keyframes=[{frame: 0, prompt: a red sphere}, {frame: 11, prompt: a blue cube}]",
