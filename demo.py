@@ -6,11 +6,11 @@ content from a reference image (a frame of another held-out clip) and one from a
 through the bundled prior; with the tiny SD single file (``bundle/tiny_sd/``), one mov2mov
 edit from a prompt, through exactly the path a real SD 1.5 file takes, the same edit with
 the bundled tiny depth ControlNet, and one prompt without and with the bundled tiny LoRA
-(``lora=[...]``); with the tiny Gen-1 again, one edit window after window
-(``window.mode=sequential``) whose content moves from one reference to another between
-keyframes. Writes the edited mp4s, side-by-side previews (input | depth | output), JSON
-sidecars and ``overview.png`` (inputs left, edits right, frames 0, 5, 10, 15) under
-``outputs/demo/``.
+(``lora=[...]``); with the tiny Gen-1 again, one edit streamed through a queue at
+staggered noise levels (``window.mode=fifo``: flat memory, no window seams) whose content
+moves from one reference to another between keyframes. Writes the edited mp4s,
+side-by-side previews (input | depth | output), JSON sidecars and ``overview.png`` (inputs
+left, edits right, frames 0, 5, 10, 15) under ``outputs/demo/``.
 
 ``python demo.py --write-samples`` re-renders the sample clips and reference images.
 """
@@ -77,15 +77,15 @@ SD_EDITS = [
     ),
 ]
 TINY_SD = Path("bundle/tiny_sd/tiny_sd.safetensors")
-# The Gen-1 model window after window (flat memory), its content keyframed from clip_a's
-# reference at frame 0 to clip_b's at frame 15: (output name, sample clip, overrides).
+# The Gen-1 model through the fifo queue (flat memory, no window seams), its content keyframed
+# from clip_a's reference at frame 0 to clip_b's at frame 15: (output name, clip, overrides).
 LONG_EDITS = [
     (
         "clip_a_keyframes",
         "clip_a",
         [
             "reference=bundle/tiny_world/samples/clip_a_ref.png",
-            "window.mode=sequential",
+            "window.mode=fifo",
             "keyframes=[{frame: 15, reference: bundle/tiny_world/samples/clip_b_ref.png}]",
         ],
     ),

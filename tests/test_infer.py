@@ -440,6 +440,15 @@ def test_it_says_what_is_about_to_happen(files, tmp_path, caplog):
         "editing 12 frames at 32x24 (padded to 32x32), latents 8x8, 4 window(s) of up to 4 "
         "frames, 2 of 4 dpmpp_2m steps, on cpu in float32"
     )
+    caplog.clear()
+    with caplog.at_level("INFO", logger="infer"):
+        infer.run(config(*args, "steps=4", "window.mode=fifo"))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "infer"]
+    assert line == (
+        "editing 12 frames at 32x24 (padded to 32x32), latents 8x8, a queue of 4 frames (1 "
+        "per noise level) in UNet calls of up to 4, by diagonal denoising (fifo), 4 of 4 "
+        "dpmpp_2m steps, on cpu in float32"
+    )
 
 
 @pytest.mark.parametrize(

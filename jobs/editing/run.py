@@ -25,6 +25,7 @@ from jobs.editing.request import (
 )
 from model.diffusion.guidance import sdedit_steps
 from model.diffusion.windows import window_slices
+from model.editing.fifo import frames_per_level
 from model.editing.keyframes import lora_keys
 from model.editing.long import edit_long_video, long_windows
 from model.editing.pipeline import edit_video
@@ -38,32 +39,37 @@ def announce(cfg: DictConfig, inputs, device, dtype, factor: int) -> None:
     (h, w), (ph, pw) = inputs.geometry.output, inputs.geometry.working
     count, length, overlap = len(inputs.indices), settings.window_length, settings.window_overlap
     mode = cfg.window.get("mode", "blend")
-    if mode == "fifo":  # no windows: a queue, in calls of up to window.length frames
-        windows = []
-    elif sequential(cfg):
-        windows = long_windows(count, length, overlap, list(cfg.window.anchors))
+    steps = sdedit_steps(settings.steps, settings.strength)
+    if mode == "fifo":  # no windows: a queue at staggered levels, in calls of a window
+        anchors = set(cfg.window.anchors)
+        per_level = frames_per_level(length - len(anchors), cfg.window.get("frames_per_level"))
+        layout = (
+            f"a queue of {per_level * steps} frames ({per_level} per noise level) in UNet "
+            f"calls of up to {length}, by diagonal denoising (fifo)"
+        )
     else:
-        windows = window_slices(count, length, overlap)
+        if sequential(cfg):
+            windows = long_windows(count, length, overlap, list(cfg.window.anchors))
+        else:
+            windows = window_slices(count, length, overlap)
+        layout = f"{len(windows)} window(s) of up to {length} frames"
+        layout += ", window after window (sequential)" if mode == "sequential" else ""
     padded = f" (padded to {pw}x{ph})" if (h, w) != (ph, pw) else ""
     log.info(
-        "editing %d frames at %dx%d%s, latents %dx%d, %d window(s) of up to %d frames, "
-        "%d of %d %s steps, on %s in %s%s",
+        "editing %d frames at %dx%d%s, latents %dx%d, %s, %d of %d %s steps, on %s in %s",
         len(inputs.indices),
         w,
         h,
         padded,
         pw // factor,
         ph // factor,
-        len(windows),
-        settings.window_length,
-        sdedit_steps(settings.steps, settings.strength),
+        layout,
+        steps,
         settings.steps,
         settings.sampler,
         device,
         str(dtype or torch.float32).removeprefix("torch."),
-        {"sequential": ", window after window (sequential)", "fifo": ", by diagonal "
-         "denoising (fifo: no windows, calls of up to window.length frames)"}.get(mode, ""),
-    )  # fmt: skip
+    )
 
 
 def run(cfg: DictConfig) -> dict:
