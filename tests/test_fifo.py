@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model.diffusion.samplers import DiscreteDenoiser
-from model.editing.fifo import balanced_parts, frames_per_level
+from model.editing.fifo import frames_per_level
+from model.editing.fifo_queue import balanced_parts
 from model.editing.long import edit_long_video
 from model.editing.pipeline import edit_video
 from model.editing.settings import EditSettings
