@@ -69,7 +69,8 @@ def build_depth(cfg: dict | None) -> DepthEstimator | None:
         net = load_midas(weights, name, config_key="model.depth.weights", **cfg)
     else:
         log.warning("model.depth.weights is not set: MiDaS %s has random weights", name)
-        net = build_midas(name, **cfg)
+        with seeded_stand_in():
+            net = build_midas(name, **cfg)
     return DepthEstimator(net, chunk_size=chunk_size)
 
 
@@ -79,7 +80,18 @@ def build_content_encoder(cfg: dict):
     if cfg.get("weights"):
         return load_clip(cfg["weights"], cfg["model"], config_key="model.clip.weights")
     log.warning("model.clip.weights is not set: CLIP %s has random weights", cfg["model"])
-    return build_clip(cfg["model"])
+    with seeded_stand_in():
+        return build_clip(cfg["model"])
+
+
+@contextmanager
+def seeded_stand_in(seed: int = 0):
+    """Random stand-in weights (an encoder without its weight file) drawn from ``seed``, so
+    that every run, and every process of a job, has the same; the global generator is left
+    as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def batch_size(batch: dict[str, Any]) -> int:
