@@ -227,6 +227,11 @@ BAD = {
         "renders frame after frame",
     ),
     "fifo frames per level": (["window.mode=fifo", "window.frames_per_level=0"], "whole number"),
+    "fifo anchor outside the first window": (
+        ["window.mode=fifo", "window.anchors=[4]"],
+        "anchors [4] are not frames of the first window [0, 4)",
+    ),
+    "fifo with stochastic DDIM": (["window.mode=fifo", "sampler=ddim", "eta=0.5"], "only at eta 0"),
     "no room for new frames": (
         ["window.mode=sequential", "window.anchors=[0,1]", "window.overlap=2"],
         "no room for new frames",
@@ -445,8 +450,8 @@ def test_it_says_what_is_about_to_happen(files, tmp_path, caplog):
         infer.run(config(*args, "steps=4", "window.mode=fifo"))
     (line,) = [r.getMessage() for r in caplog.records if r.name == "infer"]
     assert line == (
-        "editing 12 frames at 32x24 (padded to 32x32), latents 8x8, a queue of 4 frames (1 "
-        "per noise level) in UNet calls of up to 4, by diagonal denoising (fifo), 4 of 4 "
+        "editing 12 frames at 32x24 (padded to 32x32), latents 8x8, a queue of up to 4 frames "
+        "(1 per noise level) in UNet calls of up to 4, by diagonal denoising (fifo), 4 of 4 "
         "dpmpp_2m steps, on cpu in float32"
     )
 

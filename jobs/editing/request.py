@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from data.media import (
     SourceVideo,
 )
-from model.editing.fifo import check_fifo_settings, frames_per_level
+from model.editing.fifo import check_fifo_settings, fifo_room, frames_per_level
 from model.editing.long import long_windows
 from model.editing.methods import get_method, method_names
 from model.editing.precision import native_bf16
@@ -157,6 +157,7 @@ def check_window_mode(cfg: DictConfig) -> None:
     if mode == "fifo":
         try:
             check_fifo_settings(edit_settings(cfg))
+            fifo_room(window.length, anchors)
             frames_per_level(window.length - len(set(anchors)), window.get("frames_per_level"))
         except ValueError as err:
             raise InferError(str(err)) from err
@@ -223,8 +224,10 @@ def check_text_request(cfg: DictConfig) -> None:
 
 
 def edit_settings(cfg: DictConfig) -> EditSettings:
-    """The sampling settings of the config (an unresolved ``noise_correlation`` as 0)."""
-    return settings_from_config(cfg, noise_correlation=cfg.noise_correlation or 0.0)
+    """The sampling settings of the config (an unresolved ``noise_correlation`` as 0; a fifo
+    edit, which has no windows to overlap, with ``window_overlap`` 0)."""
+    extra = {"window_overlap": 0} if cfg.window.get("mode") == "fifo" else {}
+    return settings_from_config(cfg, noise_correlation=cfg.noise_correlation or 0.0, **extra)
 
 
 def resolve_checkpoint_defaults(cfg: DictConfig, kind: str) -> None:

@@ -44,8 +44,8 @@ def announce(cfg: DictConfig, inputs, device, dtype, factor: int) -> None:
         anchors = set(cfg.window.anchors)
         per_level = frames_per_level(length - len(anchors), cfg.window.get("frames_per_level"))
         layout = (
-            f"a queue of {per_level * steps} frames ({per_level} per noise level) in UNet "
-            f"calls of up to {length}, by diagonal denoising (fifo)"
+            f"a queue of up to {per_level * steps} frames ({per_level} per noise level) in "
+            f"UNet calls of up to {length}, by diagonal denoising (fifo)"
         )
     else:
         if sequential(cfg):

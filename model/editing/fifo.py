@@ -51,7 +51,12 @@ def check_fifo_settings(settings: EditSettings) -> None:
         )
     sampler, _ = resolve_sampler(settings.sampler, settings.schedule)
     kind = STEPS.get(sampler)
-    if kind is None or (kind == "ddim" and settings.eta):
+    if kind == "ddim" and settings.eta:
+        raise ValueError(
+            f"window.mode=fifo steps every frame on its own: DDIM does so only at eta 0, "
+            f"got eta={settings.eta}"
+        )
+    if kind is None:
         raise ValueError(
             f"window.mode=fifo steps every frame on its own: sampler {settings.sampler!r} "
             "has no such step; use euler, ddim (eta 0) or dpmpp_2m"
@@ -63,6 +68,25 @@ def check_fifo(model, settings: EditSettings) -> None:
     check_fifo_settings(settings)
     method = resolve_method(model, settings.method)
     check_fifo_settings(replace(settings, method=method.name))
+
+
+def fifo_room(length: int, anchors: Sequence[int], num_frames: int | None = None) -> int:
+    """The frames of the queue one UNet call of ``length`` frames holds beside ``anchors``
+    (frames of the first window, ``[0, length)``, and of the video's ``num_frames`` when
+    known); ``ValueError`` (one line) when an anchor is outside or no frame fits."""
+    anchors = sorted({int(a) for a in anchors})
+    first = length if num_frames is None else min(length, num_frames)
+    outside = [a for a in anchors if not 0 <= a < first]
+    if outside:
+        raise ValueError(
+            f"window.mode=fifo: anchors {outside} are not frames of the first window [0, {first})"
+        )
+    if length - len(anchors) < 1:
+        raise ValueError(
+            f"window.mode=fifo: a call of {length} frames leaves no room beside "
+            f"{len(anchors)} anchor(s)"
+        )
+    return length - len(anchors)
 
 
 def frames_per_level(room: int, per_level: int | None = None) -> int:
@@ -112,15 +136,7 @@ def edit_fifo_video(
     unet = model.sampling_unet()
     check_settings(settings, temporal_frame_limit(unet))
     anchors = sorted({int(a) for a in anchors})
-    room = settings.window_length - len(anchors)
-    if room < 1:
-        raise ValueError(
-            f"window.mode=fifo: a window of {settings.window_length} frames leaves no room "
-            f"beside {len(anchors)} anchor(s)"
-        )
-    outside = [a for a in anchors if not 0 <= a < min(room, num_frames)]
-    if outside:
-        raise ValueError(f"window.mode=fifo: anchors {outside} are not frames of the first {room}")
+    room = fifo_room(settings.window_length, anchors, num_frames)
     per_level = frames_per_level(room, per_level)
     method = resolve_method(model, settings.method)
     estimator = depth_estimator if depth_estimator is not None else model.depth
