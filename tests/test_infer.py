@@ -435,25 +435,30 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(files, tmp_path, monkeypatch, cap
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
-def test_it_says_what_is_about_to_happen(files, tmp_path, caplog):
-    args = [f"input={files / 'clip.mp4'}", f"output={tmp_path / 'x.mp4'}"]
-    args += [f"checkpoint={files / 'tiny.ckpt'}", "reference_frame=0", "end=12", *FAST]
-    with caplog.at_level("INFO", logger="infer"):
-        infer.run(config(*args, "strength=0.5", "steps=4"))
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "infer"]
-    assert line == (
+ANNOUNCED = {
+    "blend": (
+        ["strength=0.5"],
         "editing 12 frames at 32x24 (padded to 32x32), latents 8x8, 4 window(s) of up to 4 "
-        "frames, 2 of 4 dpmpp_2m steps, on cpu in float32"
-    )
-    caplog.clear()
-    with caplog.at_level("INFO", logger="infer"):
-        infer.run(config(*args, "steps=4", "window.mode=fifo"))
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "infer"]
-    assert line == (
+        "frames, 2 of 4 dpmpp_2m steps, on cpu in float32",
+    ),
+    "fifo": (
+        ["window.mode=fifo"],
         "editing 12 frames at 32x24 (padded to 32x32), latents 8x8, a queue of up to 4 frames "
         "(1 per noise level) in UNet calls of up to 4, by diagonal denoising (fifo), 4 of 4 "
-        "dpmpp_2m steps, on cpu in float32"
-    )
+        "dpmpp_2m steps, on cpu in float32",
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", list(ANNOUNCED))
+def test_it_says_what_is_about_to_happen(files, tmp_path, caplog, mode):
+    args = [f"input={files / 'clip.mp4'}", f"output={tmp_path / 'x.mp4'}"]
+    args += [f"checkpoint={files / 'tiny.ckpt'}", "reference_frame=0", "end=12", *FAST]
+    overrides, expected = ANNOUNCED[mode]
+    with caplog.at_level("INFO", logger="infer"):
+        infer.run(config(*args, "steps=4", *overrides))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "infer"]
+    assert line == expected
 
 
 @pytest.mark.parametrize(

@@ -179,10 +179,11 @@ def test_no_call_reads_or_holds_more_than_a_window(model):
     assert all(0 in r for r in reads)  # the anchor is in every window
 
 
-def test_infer_sequential_streams_every_frame_with_audio_mask_and_preview(files, tmp_path):
-    """window.mode=sequential through infer.py: all 24 frames written (window after window),
-    the audio kept, the unmasked right half the input's (the mask's left half is edited),
-    the plan in the sidecar."""
+@pytest.mark.parametrize("mode", ["sequential", "fifo"])
+def test_infer_streams_every_frame_with_audio_mask_and_preview(files, tmp_path, mode):
+    """window.mode=sequential / fifo through infer.py: all 24 frames written (window after
+    window, or as they leave the queue), the audio kept, the unmasked right half the input's
+    (the mask's left half is edited), the plan (windows, or the queue) in the sidecar."""
     out = tmp_path / "long.mp4"
     cfg = config(
         f"input={files / 'clip.mp4'}",
@@ -190,7 +191,8 @@ def test_infer_sequential_streams_every_frame_with_audio_mask_and_preview(files,
         f"checkpoint={files / 'tiny.ckpt'}",
         f"reference={files / 'red.png'}",
         f"mask={files / 'mask.png'}",
-        "window.mode=sequential",
+        f"window.mode={mode}",
+        "window.frames_per_level=1",
         "preview=true",
         *FAST,
     )
@@ -198,8 +200,12 @@ def test_infer_sequential_streams_every_frame_with_audio_mask_and_preview(files,
     frames, _ = read(out)
     assert frames.shape[0] == 24
     assert read(out.with_name("long.preview.mp4"))[0].shape[0] == 24
-    # FAST: windows of 4 frames, overlap 1, anchor 0: 4 new, then 2 new per window.
-    assert done["windows"] == [(0, 4)] + [(s, s + 2) for s in range(4, 24, 2)]
+    if mode == "sequential":  # FAST: windows of 4, overlap 1, anchor 0: 4 new, then 2 each
+        assert done["windows"] == [(0, 4)] + [(s, s + 2) for s in range(4, 24, 2)]
+    else:  # 2 steps, one frame per level: a queue of 2
+        assert done["windows"] == [] and done["queue"]["frames_per_level"] == 1
+        assert done["queue"]["levels"] == 2 and done["queue"]["frames"] == 2
+        assert done["edit"]["window_length"] == 4 and done["edit"]["window_overlap"] == 0
     source = media.read_frames(files / "clip.mp4", list(range(24)), (24, 32))[0]
     with av.open(str(out)) as container:
         assert len(container.streams.audio) == 1
@@ -207,34 +213,6 @@ def test_infer_sequential_streams_every_frame_with_audio_mask_and_preview(files,
     right = (edited - source)[..., 20:].abs().mean()
     left = (edited - source)[..., :12].abs().mean()
     assert right < 0.1 < 0.5 < left  # kept outside the mask (up to yuv420p chroma), edited in
-
-
-def test_infer_fifo_streams_every_frame_in_order_with_mask_and_sidecar(files, tmp_path):
-    """window.mode=fifo through infer.py: all 24 frames written as they leave the queue,
-    the unmasked half the input's, the queue (not windows) in the sidecar."""
-    out = tmp_path / "fifo.mp4"
-    cfg = config(
-        f"input={files / 'clip.mp4'}",
-        f"output={out}",
-        f"checkpoint={files / 'tiny.ckpt'}",
-        f"reference={files / 'red.png'}",
-        f"mask={files / 'mask.png'}",
-        "window.mode=fifo",
-        "window.frames_per_level=1",
-        "sampler=dpmpp_2m",
-        *FAST,
-    )
-    done = infer.run(cfg)
-    frames, _ = read(out)
-    assert frames.shape[0] == 24
-    assert done["windows"] == [] and done["queue"]["frames_per_level"] == 1
-    assert done["queue"]["levels"] == 2 and done["queue"]["frames"] == 2
-    assert done["edit"]["window_length"] == 4
-    source = media.read_frames(files / "clip.mp4", list(range(24)), (24, 32))[0]
-    edited = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
-    right = (edited - source)[..., 20:].abs().mean()
-    left = (edited - source)[..., :12].abs().mean()
-    assert right < 0.1 < 0.5 < left
 
 
 def test_drift_is_zero_for_a_still_video_and_sees_a_colour_creep():
