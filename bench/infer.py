@@ -45,7 +45,7 @@ from bench import edit_profile  # noqa: E402
 from bench.common import devices, peak_memory_mib, print_table, run_worker, summary, time_call  # noqa: E402
 from model.editing.pipeline import edit_video
 from model.editing.settings import EditSettings
-from model.training.gen1 import build_depth  # noqa: E402
+from model.encoders.frozen import build_depth  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

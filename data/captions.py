@@ -70,7 +70,7 @@ def build_clip_embedder(clip):
     """The frozen CLIP: a ``ClipEmbedder`` as it is, or one built from ``{model, weights}``
     (random weights, with a warning, when unset)."""
     from model.encoders.clip import ClipEmbedder
-    from model.training.gen1 import build_content_encoder
+    from model.encoders.frozen import build_content_encoder
 
     return clip if isinstance(clip, ClipEmbedder) else build_content_encoder(clip)
 

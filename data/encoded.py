@@ -52,8 +52,8 @@ def cache_key(source: dict, vae: dict, vae_weights: str | None, clip: dict, dept
 
 def build_encoders(vae: dict, vae_weights: str | None, clip: dict, depth: dict | None = None):
     """The frozen ``(VAE, CLIP, MiDaS or None)`` of a Gen-1 model config, in eval mode."""
+    from model.encoders.frozen import build_content_encoder, build_depth
     from model.nets.autoencoder import AutoencoderKL
-    from model.training.gen1 import build_content_encoder, build_depth
     from model.weights.checkpoint import load_sd_vae
 
     autoencoder = AutoencoderKL(**{k: v for k, v in vae.items() if k != "_target_"})

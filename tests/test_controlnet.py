@@ -152,4 +152,4 @@ def test_a_unit_acts_on_the_frames_at_its_steps_when_frames_have_their_own(contr
     assert control.residuals(x[:, :1], t[:, 0], context, hint[:, :1]) is None
     for joint, alone in zip(both, late, strict=True):
         assert joint[0].abs().max() == 0
-        torch.testing.assert_close(joint[1:], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(joint[1:], alone, atol=1e-4, rtol=1e-4)  # batch of 2 vs 1

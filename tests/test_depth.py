@@ -246,7 +246,7 @@ def test_network_rejects_sizes_not_multiple_of_32() -> None:
 def test_a_midas_without_weights_is_the_same_in_every_run():
     """Random stand-in weights are drawn from a fixed seed (edits with them repeat) and
     leave the global generator as it was."""
-    from model.training.gen1 import build_depth
+    from model.encoders.frozen import build_depth
 
     torch.manual_seed(123)
     before = torch.rand(1)

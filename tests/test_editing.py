@@ -12,7 +12,7 @@ from model.editing.content import image_content, text_content
 from model.editing.pipeline import decode_latents, edit_video, encode_frames, video_depth
 from model.editing.precision import autocast, cast_for_inference
 from model.editing.settings import EditSettings, check_settings, settings_from_config
-from model.training.gen1 import build_depth
+from model.encoders.frozen import build_depth
 from tests.sd_layout import ROOT
 
 SIZE = 32

@@ -103,7 +103,7 @@ def test_frames_that_do_not_see_each_other_equal_the_plain_edit(
     assert staggered(calls), "no call held frames at several levels"
     expected = plain(model, frames, depth, settings, mask=mask).frames
     assert shown == list(range(6))
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
 
 
 def test_keyframed_strength_holds_each_frame_to_its_own_start(model):
@@ -114,7 +114,7 @@ def test_keyframed_strength_holds_each_frame_to_its_own_start(model):
         model, frames, depth, settings, anchors=(), schedule_of=lambda idx: {
             k: v[idx] for k, v in schedule.items()})  # fmt: skip
     expected = plain(model, frames, depth, settings, schedule=schedule).frames
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
 
 
 def test_a_keyframe_schedule_acts_per_frame_as_in_the_plain_edit(model):
@@ -138,7 +138,7 @@ def test_a_keyframe_schedule_acts_per_frame_as_in_the_plain_edit(model):
         model, frames, per_frame, settings, depth=depth, generator=generator,
         common=shared_noise(model, frames.shape, generator), schedule=schedule,
     ).frames  # fmt: skip
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
     unscheduled, _, _ = fifo(model, frames, depth, settings, anchors=())
     assert (out[:, 4:] - unscheduled[:, 4:]).abs().max() > 1e-2
 

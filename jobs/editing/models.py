@@ -20,10 +20,10 @@ from model.editing.settings import (
     check_settings,
     temporal_frame_limit,
 )
+from model.encoders.frozen import build_depth
 from model.encoders.prior import load_prior, prior_function
 from model.sd.files import peek
 from model.sd.loading import load_sd
-from model.training.gen1 import build_depth
 from model.training.loading import load_gen1
 from model.weights.checkpoint import CheckpointError
 

@@ -15,7 +15,7 @@ from model.editing.settings import (
     settings_from_config,
     temporal_frame_limit,
 )
-from model.training.gen1 import build_depth
+from model.encoders.frozen import build_depth
 from model.training.loading import load_gen1
 
 SEED_STRIDE = 1000  # clip i's noise seeds: seed + 1000 i (+ frame k frame by frame)

@@ -24,11 +24,11 @@ import pytorch_lightning as pl
 import torch
 
 from model.diffusion.loss import training_loss
+from model.encoders.frozen import build_depth
 from model.encoders.hints import depth_hint
 from model.nets.controlnet import HINT_CHANNELS, ControlNet
 from model.sd.controlnet import ORIGINAL_PREFIX
 from model.sd.loading import load_sd
-from model.training.gen1 import build_depth
 from model.training.sd_training import LitEma
 from model.weights.atomic import file_sha256, save_safetensors
 from model.weights.checkpoint import CheckpointError

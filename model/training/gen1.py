@@ -23,8 +23,7 @@ from torch import nn
 from model.diffusion.loss import training_loss
 from model.diffusion.noise import SampleDraws, correlate_frames, sample_seed
 from model.diffusion.schedule import DiscreteSchedule
-from model.encoders.clip import build_clip, load_clip
-from model.encoders.depth import DepthEstimator, build_midas, load_midas
+from model.encoders.frozen import build_content_encoder, build_depth
 from model.encoders.structure import clip_structure, edit_structure
 from model.nets.autoencoder import AutoencoderKL
 from model.nets.unet import UNet
@@ -56,42 +55,6 @@ TRAINABLE = ("all", "temporal", "temporal_and_input")
 def _params(cfg: dict) -> dict:
     """A config dict without Hydra's ``_target_``."""
     return {k: v for k, v in dict(cfg).items() if k != "_target_"}
-
-
-def build_depth(cfg: dict | None) -> DepthEstimator | None:
-    """MiDaS from ``{name, weights, chunk_size, ...overrides}``; None uses the batch's depth."""
-    if cfg is None:
-        return None
-    cfg = _params(cfg)
-    name, weights = cfg.pop("name"), cfg.pop("weights", None)
-    chunk_size = cfg.pop("chunk_size", 8)
-    if weights:
-        net = load_midas(weights, name, config_key="model.depth.weights", **cfg)
-    else:
-        log.warning("model.depth.weights is not set: MiDaS %s has random weights", name)
-        with seeded_stand_in():
-            net = build_midas(name, **cfg)
-    return DepthEstimator(net, chunk_size=chunk_size)
-
-
-def build_content_encoder(cfg: dict):
-    """The frozen CLIP image/text embedder from ``{model, weights}``."""
-    cfg = _params(cfg)
-    if cfg.get("weights"):
-        return load_clip(cfg["weights"], cfg["model"], config_key="model.clip.weights")
-    log.warning("model.clip.weights is not set: CLIP %s has random weights", cfg["model"])
-    with seeded_stand_in():
-        return build_clip(cfg["model"])
-
-
-@contextmanager
-def seeded_stand_in(seed: int = 0):
-    """Random stand-in weights (an encoder without its weight file) drawn from ``seed``, so
-    that every run, and every process of a job, has the same; the global generator is left
-    as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def batch_size(batch: dict[str, Any]) -> int:
