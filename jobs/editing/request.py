@@ -157,8 +157,7 @@ def check_window_mode(cfg: DictConfig) -> None:
     if mode == "fifo":
         try:
             check_fifo_settings(edit_settings(cfg))
-            fifo_room(window.length, anchors)
-            frames_per_level(window.length - len(set(anchors)), window.get("frames_per_level"))
+            frames_per_level(fifo_room(window.length, anchors), window.get("frames_per_level"))
         except ValueError as err:
             raise InferError(str(err)) from err
         return

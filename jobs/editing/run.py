@@ -25,7 +25,7 @@ from jobs.editing.request import (
 )
 from model.diffusion.guidance import sdedit_steps
 from model.diffusion.windows import window_slices
-from model.editing.fifo import frames_per_level
+from model.editing.fifo import fifo_room, frames_per_level
 from model.editing.keyframes import lora_keys
 from model.editing.long import edit_long_video, long_windows
 from model.editing.pipeline import edit_video
@@ -42,7 +42,7 @@ def announce(cfg: DictConfig, inputs, device, dtype, factor: int) -> None:
     steps = sdedit_steps(settings.steps, settings.strength)
     if mode == "fifo":  # no windows: a queue at staggered levels, in calls of a window
         anchors = set(cfg.window.anchors)
-        per_level = frames_per_level(length - len(anchors), cfg.window.get("frames_per_level"))
+        per_level = frames_per_level(fifo_room(length, anchors), cfg.window.get("frames_per_level"))
         layout = (
             f"a queue of up to {per_level * steps} frames ({per_level} per noise level) in "
             f"UNet calls of up to {length}, by diagonal denoising (fifo)"

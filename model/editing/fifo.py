@@ -64,8 +64,7 @@ def check_fifo_settings(settings: EditSettings) -> None:
 
 
 def check_fifo(model, settings: EditSettings) -> None:
-    """``check_fifo_settings``, and the method ``model`` resolves ``settings.method`` to."""
-    check_fifo_settings(settings)
+    """``check_fifo_settings`` with the method ``model`` resolves ``settings.method`` to."""
     method = resolve_method(model, settings.method)
     check_fifo_settings(replace(settings, method=method.name))
 
@@ -122,15 +121,15 @@ def edit_fifo_video(
     (``model.editing.streaming.FrameSource``), ``sink(window, edited, source, depth)`` gets
     the frames in order as they leave the queue (``window.new`` naming them, ``edited`` and
     ``source`` ``(B, n, 3, H, W)`` in [-1, 1] on the CPU), ``anchors`` are frames of the
-    first ``window_length - len(anchors)`` (they join every call once made) and
+    first window ``[0, window_length)`` (they join every call once made; ``fifo_room``) and
     ``per_level`` the frames that share a noise level (None: ``frames_per_level``'s).
 
     Frames are read, conditioned and encoded a window's worth at a time (``window_length``
     minus the anchors), their noise drawn then (the shared part once for the video), so an
     edit whose video fits one such block and whose frames do not see each other (``mov2mov``)
     equals ``edit_video``. Raises ``ValueError`` before any compute for a sampler or method
-    that cannot step frame by frame (``check_fifo``), anchors outside the first block, a bad
-    ``per_level``, and as ``edit_video`` does for settings.
+    that cannot step frame by frame (``check_fifo``), anchors outside the first window, a
+    bad ``per_level``, and as ``edit_video`` does for settings.
     """
     check_fifo(model, settings)
     unet = model.sampling_unet()

@@ -126,11 +126,11 @@ def edit_long_video(
     source = FrameSource(
         read_frames, content, read_depth, read_mask, content_of, control_of, schedule_of
     )
-    common = {"depth_estimator": depth_estimator, "generator": generator,
+    shared = {"depth_estimator": depth_estimator, "generator": generator,
               "autocast_dtype": autocast_dtype, "progress": progress}  # fmt: skip
     if mode == "fifo":
         return edit_fifo_video(
-            model, num_frames, source, settings, sink, anchors, per_level=per_level, **common
+            model, num_frames, source, settings, sink, anchors, per_level=per_level, **shared
         )
     if mode != "sequential":
         raise ValueError(f"long-edit mode must be sequential or fifo, got {mode!r}")
